@@ -1,0 +1,36 @@
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.http import JsonResponse
+from django.shortcuts import render
+from django.utils.translation import gettext_lazy as _
+
+from tenants import selectors
+
+SECTIONS = {
+    "compute": (_("Compute"), _("Rent GPU virtual machines: A100 and H100 passthrough, with SSH and Jupyter.")),
+    "tasks": (_("Tasks"), _("Submit GPU tasks to the shared pool and watch their progress live.")),
+    "billing": (_("Billing"), _("Compute packages, wallet, invoices and statements.")),
+}
+
+
+@login_required
+def dashboard(request):
+    membership = request.membership
+    context = {}
+    if membership:
+        context["quota_lines"] = selectors.quota_usage(membership.tenant)
+        context["memberships"] = selectors.memberships_of_user(request.user)
+    return render(request, "portal/dashboard.html", context)
+
+
+@login_required
+def coming_soon(request, section: str):
+    title, description = SECTIONS[section]
+    return render(request, "portal/coming_soon.html", {"section": section, "title": title, "description": description})
+
+
+def healthz(request):
+    """Liveness: the process answers and the database takes a query."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return JsonResponse({"status": "ok"})
