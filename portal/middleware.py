@@ -57,7 +57,7 @@ STAFF_PREFIXES = ("/console/", "/admin/")
 def session_used_mfa(request) -> bool:
     from allauth.account.authentication import get_authentication_records
 
-    return any(record.get("method") == "mfa" for record in get_authentication_records(request))
+    return any(record.get("method") == "mfa" for record in get_authentication_records(request, request.user))
 
 
 class StaffMfaRequiredMiddleware:

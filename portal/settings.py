@@ -83,6 +83,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "allauth.account.middleware.AccountMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "tenants.middleware.UserLanguageMiddleware",
     "tenants.middleware.ActiveTenantMiddleware",
     "portal.middleware.StaffMfaRequiredMiddleware",
 ]

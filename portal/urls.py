@@ -15,7 +15,7 @@ urlpatterns = [
     path("tasks/", views.coming_soon, {"section": "tasks"}, name="tasks"),
     path("billing/", views.coming_soon, {"section": "billing"}, name="billing"),
     path("healthz", views.healthz, name="healthz"),
-    path("i18n/", include("django.conf.urls.i18n")),
+    path("i18n/setlang/", views.set_language, name="set_language"),
     path("accounts/", include("allauth.urls")),
     path("", include("tenants.urls")),
     path("console/", include("portal.console_urls")),

@@ -1,15 +1,18 @@
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
+from django.utils.translation import check_for_language, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
+from django.views.i18n import set_language as django_set_language
 
 from tenants import selectors
 
 SECTIONS = {
     "compute": (_("Compute"), _("Rent GPU virtual machines: A100 and H100 passthrough, with SSH and Jupyter.")),
     "tasks": (_("Tasks"), _("Submit GPU tasks to the shared pool and watch their progress live.")),
-    "billing": (_("Billing"), _("Compute packages, wallet, invoices and statements.")),
+    "billing": (pgettext_lazy("navigation", "Billing"), _("Compute packages, wallet, invoices and statements.")),
 }
 
 
@@ -34,3 +37,12 @@ def healthz(request):
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})
+
+
+def set_language(request):
+    """Django's language switch, also remembered on the signed-in user's profile."""
+    response = django_set_language(request)
+    language = request.POST.get("language")
+    if request.method == "POST" and request.user.is_authenticated and check_for_language(language):
+        get_user_model().objects.filter(pk=request.user.pk).update(language=language)
+    return response

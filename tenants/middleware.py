@@ -1,3 +1,4 @@
+from django.utils import translation
 from django.utils.functional import SimpleLazyObject
 
 ACTIVE_TENANT_SESSION_KEY = "active_tenant_id"
@@ -29,4 +30,18 @@ class ActiveTenantMiddleware:
     def __call__(self, request):
         request.membership = SimpleLazyObject(lambda: resolve_membership(request))
         request.tenant = SimpleLazyObject(lambda: request.membership.tenant if request.membership else None)
+        return self.get_response(request)
+
+
+class UserLanguageMiddleware:
+    """A signed-in user's saved language wins over the browser's Accept-Language."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and user.language:
+            translation.activate(user.language)
+            request.LANGUAGE_CODE = user.language
         return self.get_response(request)

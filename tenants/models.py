@@ -5,6 +5,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 
 class UserManager(BaseUserManager):
@@ -50,7 +51,7 @@ class Role(models.TextChoices):
     OWNER = "owner", _("Owner")
     ADMIN = "admin", _("Admin")
     MEMBER = "member", _("Member")
-    BILLING = "billing", _("Billing")
+    BILLING = "billing", pgettext_lazy("role", "Billing")
     VIEWER = "viewer", _("Viewer")
 
 

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from django.db.models import Count, QuerySet, Sum
+from django.utils.translation import gettext as _
 
 from tenants.models import (
     ApiToken,
@@ -78,7 +79,7 @@ def quota_usage(tenant: Tenant) -> list[QuotaLine]:
     lines = [
         QuotaLine(
             key=f"gpu:{g.gpu_model.code}",
-            label=f"{g.gpu_model.code} GPUs",
+            label=_("%(model)s GPUs") % {"model": g.gpu_model.code},
             used=gpu_used.get(g.gpu_model.code, 0),
             limit=g.limit,
         )

@@ -24,7 +24,7 @@ from tenants.forms import (
     add_service_errors,
 )
 from tenants.middleware import ACTIVE_TENANT_SESSION_KEY
-from tenants.models import Membership
+from tenants.models import Membership, Role
 from tenants.roles import Capability, assignable_roles, role_can
 
 
@@ -175,7 +175,7 @@ def member_role(request, pk):
         lambda: services.membership_change_role(
             membership=request.membership, actor=request.user, target=target, role=form.cleaned_data["role"]
         ),
-        _("%(email)s is now %(role)s.") % {"email": target.user.email, "role": form.cleaned_data["role"]},
+        _("%(email)s is now %(role)s.") % {"email": target.user.email, "role": Role(form.cleaned_data["role"]).label},
     )
     return redirect("team")
 

@@ -1,0 +1,29 @@
+import factory
+from allauth.account.models import EmailAddress
+
+from tenants import services
+from tenants.models import Membership, Role, Tenant, User
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = User
+        skip_postgeneration_save = True
+
+    email = factory.Sequence(lambda n: f"user{n}@example.com")
+    display_name = factory.Faker("name")
+    password = factory.django.Password("correct-horse-battery")
+
+    @factory.post_generation
+    def verified(self, create, extracted, **kwargs):
+        if create and extracted is not False:
+            EmailAddress.objects.create(user=self, email=self.email, verified=True, primary=True)
+
+
+def make_tenant(*, owner: User | None = None, name: str = "Acme AI") -> Tenant:
+    """A tenant made the way the product makes them: through the service, with quotas and an owner."""
+    return services.tenant_create(name=name, owner=owner or UserFactory())
+
+
+def add_member(tenant: Tenant, role: str = Role.MEMBER, user: User | None = None) -> Membership:
+    return Membership.objects.create(tenant=tenant, user=user or UserFactory(), role=role)

@@ -1,0 +1,84 @@
+"""Races on PostgreSQL: the rules hold when two people act at the same instant."""
+
+import threading
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import connection
+
+from tenants import services
+from tenants.models import Invitation, Membership, Role
+from tests.factories import UserFactory, add_member, make_tenant
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
+
+
+def race(*actions):
+    """Run the callables at the same moment in separate threads (own DB connections); return outcomes."""
+    barrier = threading.Barrier(len(actions))
+    outcomes = [None] * len(actions)
+
+    def run(i, action):
+        try:
+            barrier.wait()
+            action()
+            outcomes[i] = "ok"
+        except ValidationError as exc:
+            outcomes[i] = exc.messages[0]
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(actions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_two_owners_demoting_each_other_leave_one_owner():
+    first = UserFactory()
+    tenant = make_tenant(owner=first)
+    a = tenant.memberships.get(user=first)
+    b = add_member(tenant, Role.OWNER)
+    for _ in range(5):
+        outcomes = race(
+            lambda: services.membership_change_role(membership=a, actor=a.user, target=b, role=Role.ADMIN),
+            lambda: services.membership_change_role(membership=b, actor=b.user, target=a, role=Role.ADMIN),
+        )
+        owners = Membership.objects.filter(tenant=tenant, role=Role.OWNER)
+        assert owners.count() == 1, outcomes
+        assert outcomes.count("ok") == 1
+        # reset: make both owners again for the next round
+        survivor = owners.get()
+        other = a if survivor.pk == b.pk else b
+        Membership.objects.filter(pk=other.pk).update(role=Role.OWNER)
+
+
+def test_two_owners_leaving_at_once_leave_one_owner():
+    first = UserFactory()
+    tenant = make_tenant(owner=first)
+    a = tenant.memberships.get(user=first)
+    b = add_member(tenant, Role.OWNER)
+    outcomes = race(
+        lambda: services.membership_remove(membership=a, actor=a.user, target=a),
+        lambda: services.membership_remove(membership=b, actor=b.user, target=b),
+    )
+    assert sorted(outcomes)[0].startswith("You are the last owner") or sorted(outcomes)[1] == "ok"
+    assert outcomes.count("ok") == 1
+    assert Membership.objects.filter(tenant=tenant, role=Role.OWNER).count() == 1
+
+
+def test_one_invitation_accepted_twice_at_once_makes_one_membership():
+    owner = UserFactory()
+    tenant = make_tenant(owner=owner)
+    _invitation, key = services.invitation_create(
+        membership=tenant.memberships.get(), actor=owner, email="twin@example.com", role=Role.MEMBER
+    )
+    twin = UserFactory(email="twin@example.com")
+    outcomes = race(
+        lambda: services.invitation_accept(key=key, user=twin), lambda: services.invitation_accept(key=key, user=twin)
+    )
+    assert outcomes.count("ok") == 1
+    assert Membership.objects.filter(tenant=tenant, user=twin).count() == 1
+    assert Invitation.objects.get().status == "accepted"
