@@ -22,7 +22,6 @@ def dashboard(request):
     context = {}
     if membership:
         context["quota_lines"] = selectors.quota_usage(membership.tenant)
-        context["memberships"] = selectors.memberships_of_user(request.user)
     return render(request, "portal/dashboard.html", context)
 
 

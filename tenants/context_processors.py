@@ -1,3 +1,4 @@
+from tenants.models import Membership
 from tenants.roles import ROLE_CAPABILITIES
 
 
@@ -8,6 +9,9 @@ def active_tenant(request):
     if not membership:  # a lazy object wrapping None
         return {}
     return {
+        "user_memberships": Membership.objects.filter(user=request.user)
+        .select_related("tenant")
+        .order_by("tenant__kind", "tenant__name"),
         "active_membership": membership,
         "active_tenant": membership.tenant,
         "can": {cap.value: True for cap in ROLE_CAPABILITIES.get(membership.role, set())},

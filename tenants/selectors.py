@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import QuerySet, Sum
 from django.utils.translation import gettext as _
 
 from tenants.models import (
@@ -18,15 +18,6 @@ from tenants.models import (
     TenantQuota,
 )
 from tenants.services import _RESERVABLE
-
-
-def memberships_of_user(user) -> QuerySet[Membership]:
-    return (
-        Membership.objects.filter(user=user)
-        .select_related("tenant__tier")
-        .annotate(member_count=Count("tenant__memberships"))
-        .order_by("tenant__kind", "tenant__name")
-    )
 
 
 def members_of(tenant: Tenant) -> QuerySet[Membership]:

@@ -65,6 +65,7 @@ class TenantSerializer(serializers.ModelSerializer):
             "name": {"help_text": "Display name; owners and admins may change it."},
             "kind": {"help_text": "personal (created at sign-up) or organisation."},
             "time_zone": {"help_text": "Time zone for billing periods."},
+            "created_at": {"help_text": "When the tenant was created."},
         }
 
     def get_role(self, tenant) -> str:
@@ -89,6 +90,7 @@ class MembershipSerializer(serializers.ModelSerializer):
         fields = ["id", "user", "role", "created_at"]
         read_only_fields = ["id", "created_at"]
         extra_kwargs = {
+            "id": {"help_text": "Membership id, for changing the role or removing the member."},
             "role": {"help_text": "owner, admin, member, billing or viewer."},
             "created_at": {"help_text": "When the person joined."},
         }
@@ -106,6 +108,8 @@ class InvitationSerializer(serializers.ModelSerializer):
         fields = ["id", "email", "role", "status", "invited_by", "created_at", "expires_at"]
         read_only_fields = ["id", "status", "created_at", "expires_at"]
         extra_kwargs = {
+            "id": {"help_text": "Invitation id, for withdrawing it."},
+            "created_at": {"help_text": "When it was sent."},
             "email": {"help_text": "Address the invitation is emailed to; only that verified address can accept."},
             "role": {"help_text": "Role the person gets on accepting."},
             "status": {"help_text": "pending, accepted or revoked."},
@@ -126,6 +130,8 @@ class SshKeySerializer(serializers.ModelSerializer):
         fields = ["id", "name", "public_key", "key_type", "bits", "fingerprint", "owner", "created_at"]
         read_only_fields = ["id", "key_type", "bits", "fingerprint", "created_at"]
         extra_kwargs = {
+            "id": {"help_text": "Key id, for picking it when ordering a VM."},
+            "created_at": {"help_text": "When it was added."},
             "name": {"help_text": "A name to pick the key by, unique in the tenant."},
             "public_key": {"help_text": "One OpenSSH public key line: ed25519, ECDSA, or RSA of at least 2048 bits."},
             "key_type": {"help_text": "e.g. ssh-ed25519."},
@@ -148,6 +154,9 @@ class ApiTokenSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "prefix", "user", "created_at", "expires_at", "last_used_at", "revoked_at", "is_active"]
         read_only_fields = fields
         extra_kwargs = {
+            "id": {"help_text": "Token id, for revoking it."},
+            "name": {"help_text": "What the token is for."},
+            "created_at": {"help_text": "When it was created."},
             "prefix": {"help_text": "First part of the token, to recognise it; the secret is never shown again."},
             "last_used_at": {"help_text": "Last time the token authenticated a request (to the minute)."},
             "revoked_at": {"help_text": "When it was revoked, or null."},
