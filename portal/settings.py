@@ -255,6 +255,33 @@ PORTAL_INVITATION_DAYS = env_int("PORTAL_INVITATION_DAYS", 7)
 PORTAL_TOKEN_TOUCH_SECONDS = 60  # last-used time of an API token is written at most once a minute
 PORTAL_STAFF_MFA_REQUIRED = env_bool("PORTAL_STAFF_MFA_REQUIRED", True)
 
+# Cluster backends (provisioning.backends): "local" (embedded default) or "kubevirt".
+PORTAL_CLUSTER_BACKEND = env("PORTAL_CLUSTER_BACKEND", "local")
+# local: nodes and GPUs from this file; VMs advance through provisioning and boot in these times.
+PORTAL_LOCAL_INVENTORY = Path(env("PORTAL_LOCAL_INVENTORY", str(BASE_DIR / "provisioning" / "inventory.yaml")))
+PORTAL_LOCAL_PROVISION_SECONDS = float(env("PORTAL_LOCAL_PROVISION_SECONDS", "4"))
+PORTAL_LOCAL_BOOT_SECONDS = float(env("PORTAL_LOCAL_BOOT_SECONDS", "4"))
+PORTAL_LOCAL_SSH_HOST = env("PORTAL_LOCAL_SSH_HOST", "127.0.0.1")
+# kubevirt: a kubeconfig file (and context), or in-cluster service-account credentials.
+KUBERNETES_KUBECONFIG = env("KUBERNETES_KUBECONFIG")
+KUBERNETES_CONTEXT = env("KUBERNETES_CONTEXT")
+KUBERNETES_IN_CLUSTER = env_bool("KUBERNETES_IN_CLUSTER", False)
+KUBERNETES_REQUEST_TIMEOUT = float(env("KUBERNETES_REQUEST_TIMEOUT", "15"))
+KUBERNETES_RETRIES = env_int("KUBERNETES_RETRIES", 4)
+KUBEVIRT_STORAGE_CLASS = env("KUBEVIRT_STORAGE_CLASS", "")
+# Public address customers SSH to: a gateway in front of the nodes' NodePorts.
+KUBEVIRT_SSH_HOST = env("KUBEVIRT_SSH_HOST", "gpu.example.com")
+PORTAL_LABEL_PREFIX = "gpuportal.io"
+# A VM not Running this long after its order is marked Failed (and never charged).
+PORTAL_PROVISION_DEADLINE_SECONDS = env_int("PORTAL_PROVISION_DEADLINE_SECONDS", 20 * 60)
+PORTAL_IDLE_WARNING_MINUTES = env_int("PORTAL_IDLE_WARNING_MINUTES", 15)
+# Key for secrets stored encrypted (Jupyter tokens): a Fernet key; derived from SECRET_KEY when unset.
+PORTAL_FIELD_ENCRYPTION_KEY = env("PORTAL_FIELD_ENCRYPTION_KEY")
+# Extra checks an order must pass before it is accepted (the billing module registers its own).
+PORTAL_ORDER_CHECKS: list[str] = []
+# Beat ticks inside the web process when there is no separate Celery beat (make run).
+PORTAL_EMBEDDED_BEAT = env_bool("PORTAL_EMBEDDED_BEAT", False)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,0 +1,108 @@
+"""The one interface every cluster backend implements. Plain dataclasses in, plain dataclasses out:
+backends never see ORM objects, so they can be tested and swapped on their own."""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class BackendError(Exception):
+    """A cluster operation failed. `message` is for the customer; `retryable` says whether trying later may help."""
+
+    def __init__(self, message: str, *, retryable: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    """A tenant's namespace and the isolation objects (Namespace, ResourceQuota, LimitRange,
+    NetworkPolicies, ServiceAccount, Role, RoleBinding) to create or update in it."""
+
+    namespace: str
+    manifests: list[dict]
+
+
+@dataclass(frozen=True)
+class VmRef:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything to create one VM: the VirtualMachine, its Service, Secrets (cloud-init), in order."""
+
+    ref: VmRef
+    manifests: list[dict]
+    node_name: str = ""  # where the portal placed it (the local backend honours it; Kubernetes schedules itself)
+    jupyter_token: str = ""
+
+
+class Phase(StrEnum):
+    MISSING = "missing"  # the cluster has no such VM
+    PROVISIONING = "provisioning"  # disks importing, pod scheduling
+    STARTING = "starting"  # booting, not yet ready
+    RUNNING = "running"  # ready: guest agent up and GPUs seen in the guest
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    phase: Phase
+    reason: str = ""  # plain words for the customer when something is wrong or slow
+    node_name: str = ""
+    ssh_host: str = ""
+    ssh_port: int | None = None
+    jupyter_url: str = ""
+    gpu_utilisation_percent: float | None = None  # latest sample, when the backend can see it
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    name: str
+    pool: str
+    gpu_model_resource: str  # Kubernetes resource name of its GPUs, "" for CPU-only
+    gpus: int
+    cpus: int
+    memory_gib: int
+    hugepages_2mi_gib: int = 0
+    hugepages_1gi_gib: int = 0
+    dedicated: bool = False
+    schedulable: bool = True
+    vgpu_slices_per_gpu: int = 1
+    labels: dict = field(default_factory=dict)
+
+
+class ClusterBackend(Protocol):
+    name: str
+
+    def ping(self) -> None:
+        """Raise BackendError when the cluster cannot be reached."""
+
+    def list_nodes(self) -> list[NodeCapacity]:
+        """The nodes work can be placed on, with their capacity."""
+
+    def ensure_tenant(self, spec: TenantSpec) -> None:
+        """Create or update the tenant's namespace and isolation objects. Idempotent."""
+
+    def apply_vm(self, spec: VmSpec) -> None:
+        """Create or update the VM and its companions, running. Idempotent."""
+
+    def start_vm(self, ref: VmRef) -> None: ...
+
+    def stop_vm(self, ref: VmRef) -> None: ...
+
+    def restart_vm(self, ref: VmRef) -> None: ...
+
+    def delete_vm(self, ref: VmRef) -> None:
+        """Delete the VM and everything labelled with it. Deleting a missing VM is not an error."""
+
+    def vm_status(self, ref: VmRef) -> VmStatus: ...
+
+    def list_vms(self) -> list[VmRef]:
+        """Every VM the portal created (by label), for the reconciler to find leftovers."""
