@@ -67,7 +67,7 @@ INSTALLED_APPS = [
     "tenants",
     "provisioning",
     "billing",
-    "portal",
+    "portal.apps.PortalConfig",
 ]
 
 MIDDLEWARE = [
@@ -137,6 +137,13 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
+# Periodic work (reconcilers, expiries). `celery beat` runs it in production; portal.beat runs the
+# same schedule inside the web process for the embedded default.
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-vms": {"task": "provisioning.tasks.reconcile_vms", "schedule": 5.0},
+    "revert-scale-ups": {"task": "provisioning.tasks.revert_scale_ups", "schedule": 60.0},
+    "sync-inventory": {"task": "provisioning.tasks.sync_inventory", "schedule": 300.0},
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -269,6 +276,7 @@ KUBERNETES_IN_CLUSTER = env_bool("KUBERNETES_IN_CLUSTER", False)
 KUBERNETES_REQUEST_TIMEOUT = float(env("KUBERNETES_REQUEST_TIMEOUT", "15"))
 KUBERNETES_RETRIES = env_int("KUBERNETES_RETRIES", 4)
 KUBEVIRT_STORAGE_CLASS = env("KUBEVIRT_STORAGE_CLASS", "")
+PORTAL_KUBEVIRT_SCHEMA = Path(env("PORTAL_KUBEVIRT_SCHEMA", str(BASE_DIR.parent / "shared" / "kubevirt" / "swagger.json")))
 # Public address customers SSH to: a gateway in front of the nodes' NodePorts.
 KUBEVIRT_SSH_HOST = env("KUBEVIRT_SSH_HOST", "gpu.example.com")
 PORTAL_LABEL_PREFIX = "gpuportal.io"

@@ -168,6 +168,7 @@ class Placement(models.Model):
     gpus = models.PositiveSmallIntegerField(default=0)
     cpus = models.PositiveIntegerField(default=0)
     memory_gib = models.PositiveIntegerField(default=0)
+    hugepage_size = models.CharField(max_length=4, choices=HugepageSize.choices, blank=True, default="")
     hugepages_gib = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     released_at = models.DateTimeField(null=True, blank=True)
@@ -316,3 +317,33 @@ class ScaleUp(models.Model):
 
     def __str__(self) -> str:
         return f"scale-up of {self.vm_id} until {self.ends_at:%Y-%m-%d}"
+
+
+class LocalClusterVm(models.Model):
+    """The local backend's stand-in for the cluster's own state of one VM (embedded default and tests).
+
+    The portal's VirtualMachine row is what the customer ordered; this row is what "the cluster"
+    has, so the reconciler can find drift between the two exactly as with a real cluster.
+    """
+
+    namespace = models.CharField(max_length=63)
+    name = models.CharField(max_length=63)
+    vm_label = models.CharField(max_length=64, help_text=_("The portal VM id the objects are labelled with."))
+    manifests = models.JSONField(default=list)
+    node_name = models.CharField(max_length=253, blank=True)
+    running = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    phase_since = models.DateTimeField(default=timezone.now)
+    provisioned = models.BooleanField(default=False)
+    failure = models.TextField(blank=True, help_text=_("Set to make the VM fail (tests, demos of failure)."))
+    gpu_utilisation_percent = models.FloatField(default=0.0)
+    ssh_port = models.PositiveIntegerField()
+    jupyter_token = models.CharField(max_length=128, blank=True, help_text=_("As the cluster's Secret holds it."))
+    jupyter_port = models.PositiveIntegerField(null=True, blank=True)
+    jupyter_pid = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["namespace", "name"], name="local_vm_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"

@@ -85,3 +85,43 @@ def test_one_invitation_accepted_twice_at_once_makes_one_membership():
     assert outcomes.count("ok") == 1
     assert Membership.objects.filter(tenant=tenant, user=twin).count() == 1
     assert Invitation.objects.get().status == "accepted"
+
+
+def test_concurrent_vm_orders_never_exceed_quota_or_capacity(settings):
+    """24 orders at once from 8 tenants for 2×A100 training VMs: three A100 nodes take one each
+    (anti-affinity), each tenant's quota takes one; the rest are refused; nothing is half-created."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from provisioning import services as vm_services
+    from provisioning.models import Placement, Plan, VirtualMachine
+
+    settings.PORTAL_LOCAL_PROVISION_SECONDS = 0
+    settings.PORTAL_LOCAL_BOOT_SECONDS = 0
+    vm_services.inventory_sync()
+    plan = Plan.objects.get(code="a100-2x-training")
+    orders = []
+    for t in range(8):
+        owner = UserFactory()
+        tenant = make_tenant(owner=owner, name=f"Lab {t}")
+        membership = tenant.memberships.get()
+        public = (
+            ed25519.Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+        key = services.ssh_key_add(membership=membership, actor=owner, name="k", public_key=public)
+        for n in range(3):
+            orders.append(
+                lambda m=membership, k=key, n=n: vm_services.vm_order(
+                    membership=m, actor=m.user, plan=plan, name=f"vm-{n}", billing_mode="monthly", ssh_key_ids=[k.pk]
+                )
+            )
+    outcomes = race(*orders)
+    assert outcomes.count("ok") == 3
+    assert None not in outcomes
+    assert VirtualMachine.objects.count() == 3
+    assert VirtualMachine.objects.values("tenant").distinct().count() == 3  # one per tenant: quota 2 A100
+    per_node = Placement.objects.filter(released_at__isnull=True).values_list("node__name", flat=True)
+    assert len(per_node) == len(set(per_node)) == 3
