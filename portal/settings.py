@@ -276,7 +276,7 @@ KUBERNETES_IN_CLUSTER = env_bool("KUBERNETES_IN_CLUSTER", False)
 KUBERNETES_REQUEST_TIMEOUT = float(env("KUBERNETES_REQUEST_TIMEOUT", "15"))
 KUBERNETES_RETRIES = env_int("KUBERNETES_RETRIES", 4)
 KUBEVIRT_STORAGE_CLASS = env("KUBEVIRT_STORAGE_CLASS", "")
-PORTAL_KUBEVIRT_SCHEMA = Path(env("PORTAL_KUBEVIRT_SCHEMA", str(BASE_DIR.parent / "shared" / "kubevirt" / "swagger.json")))
+PORTAL_KUBEVIRT_SCHEMA = Path(env("PORTAL_KUBEVIRT_SCHEMA", str(BASE_DIR.parent / "shared/kubevirt/swagger.json")))
 # Public address customers SSH to: a gateway in front of the nodes' NodePorts.
 KUBEVIRT_SSH_HOST = env("KUBEVIRT_SSH_HOST", "gpu.example.com")
 PORTAL_LABEL_PREFIX = "gpuportal.io"

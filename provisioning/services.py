@@ -11,7 +11,7 @@ import re
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import transaction
 from django.utils import timezone
@@ -37,7 +37,7 @@ from provisioning.models import (
 from tenants.audit import audit_record
 from tenants.models import Membership, SshKey, Tenant
 from tenants.roles import Capability
-from tenants.services import QuotaExceeded, ResourceDemand, quota_release, quota_reserve, require
+from tenants.services import ResourceDemand, quota_release, quota_reserve, require
 
 logger = logging.getLogger(__name__)
 

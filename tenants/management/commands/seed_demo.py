@@ -1,7 +1,6 @@
-"""Seed the demo logins (a customer and a staff account manager) and print them.
+"""Seed the demo logins (a customer and a staff account manager) and the cluster inventory, and print them.
 
-The catalogue itself (GPU models, tiers) is seeded by migrations; later
-modules add their plans and packages here. Safe to run again.
+The catalogue itself (GPU models, tiers, VM plans and prices) is seeded by migrations. Safe to run again.
 """
 
 from allauth.account.models import EmailAddress
@@ -44,6 +43,10 @@ class Command(BaseCommand):
             services.tenant_create_personal(user=staff)
         if not Authenticator.objects.filter(user=staff, type=Authenticator.Type.TOTP).exists():
             TOTP.activate(staff, STAFF_TOTP_SECRET)
+        from provisioning.services import inventory_sync
+
+        nodes = inventory_sync()
+        self.stdout.write(f"Cluster inventory: {nodes} nodes")
         self.stdout.write(self.style.SUCCESS("Demo logins:"))
         self.stdout.write(f"  customer: {CUSTOMER[0]} / {CUSTOMER[1]}")
         self.stdout.write(f"  staff account manager: {STAFF[0]} / {STAFF[1]}")
