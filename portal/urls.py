@@ -7,11 +7,12 @@ from portal import views
 
 api_v1 = [
     path("", include("tenants.api.urls")),
+    path("", include("provisioning.api.urls")),
 ]
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
-    path("compute/", views.coming_soon, {"section": "compute"}, name="compute"),
+    path("", include("provisioning.urls")),
     path("tasks/", views.coming_soon, {"section": "tasks"}, name="tasks"),
     path("billing/", views.coming_soon, {"section": "billing"}, name="billing"),
     path("healthz", views.healthz, name="healthz"),

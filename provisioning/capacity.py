@@ -111,9 +111,26 @@ def free_capacity(nodes) -> list[NodeFree]:
 
 
 def availability(plans) -> dict[int, int]:
-    """How many VMs of each plan the pools can start right now: plan id → count."""
+    """How many VMs of each plan the pools can start right now: plan id → count.
+
+    Orders already waiting in line for a shape (GPU model and profile) come first, so they are
+    taken off what a new order of that shape could get.
+    """
+    from provisioning.models import VirtualMachine, VmState
+
     free = free_capacity(Node.objects.filter(schedulable=True))
-    return {plan.pk: sum(n.fits(plan_demand(plan)) for n in free) for plan in plans}
+    waiting = {
+        (row["plan__gpu_model_id"], row["plan__profile"]): row["n"]
+        for row in VirtualMachine.objects.filter(state=VmState.QUEUED)
+        .values("plan__gpu_model_id", "plan__profile")
+        .annotate(n=Count("id"))
+    }
+    return {
+        plan.pk: max(
+            sum(n.fits(plan_demand(plan)) for n in free) - waiting.get((plan.gpu_model_id, plan.profile), 0), 0
+        )
+        for plan in plans
+    }
 
 
 def place(*, demand: Demand, holder_type: str, holder_id: str) -> Placement | None:

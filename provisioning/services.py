@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
@@ -165,6 +165,8 @@ def vm_order(
         errors["billing_mode"] = _("Choose monthly, yearly or on_demand.")
     if not plan.is_active:
         errors["plan"] = _("This plan is no longer offered.")
+    elif not plan.prices.filter(effective_from__lte=timezone.now()).exists():
+        errors["plan"] = _("This plan has no price yet and cannot be ordered.")
     keys = list(SshKey.objects.filter(tenant=tenant, pk__in=ssh_key_ids or []))
     if not ssh_key_ids:
         errors["ssh_key_ids"] = _("Pick at least one SSH key to log in with.")
@@ -194,7 +196,15 @@ def vm_order(
             jupyter_token_encrypted=secrets.encrypt(secrets.new_jupyter_token()),
         )
         quota_reserve(tenant=tenant, holder_type=HOLDER, holder_id=str(vm.pk), demand=_quota_demand(plan))
-        placement = capacity.place(demand=capacity.plan_demand(plan), holder_type=HOLDER, holder_id=str(vm.pk))
+        # Orders waiting in line for this shape get freed GPUs first: a newcomer never jumps the queue.
+        line_ahead = VirtualMachine.objects.filter(
+            state=VmState.QUEUED, plan__gpu_model_id=plan.gpu_model_id, plan__profile=plan.profile
+        ).exists()
+        placement = (
+            None
+            if line_ahead
+            else capacity.place(demand=capacity.plan_demand(plan), holder_type=HOLDER, holder_id=str(vm.pk))
+        )
         if placement is None and not wait_if_full:
             raise ValidationError(
                 {
@@ -210,7 +220,11 @@ def vm_order(
             vm.queued_at = timezone.now()
         else:
             vm.node_name = placement.node.name
-        vm.save(force_insert=True)
+        try:
+            with transaction.atomic():
+                vm.save(force_insert=True)
+        except IntegrityError as exc:  # the same name ordered twice at the same moment
+            raise ValidationError({"name": _("You already have a VM called %(name)s.") % {"name": name}}) from exc
         VmEvent.objects.create(vm=vm, to_state=vm.state, message="" if placement else _("Waiting for a free GPU."))
         audit_record(
             actor=actor,
@@ -335,6 +349,7 @@ def _fail(vm: VirtualMachine, reason: str, *, was_running: bool = False) -> None
     if was_running:
         emit_lifecycle(vm=vm, kind=LifecycleKind.STOPPED, at=event.at, key=str(event.pk), details={"reason": reason})
     _release_holdings(vm)
+    _advance_queue_on_commit()
     ref = vm_ref(vm)
     transaction.on_commit(lambda: _delete_quietly(ref))
     transaction.on_commit(lambda: _notify(vm, _("VM %(name)s failed") % {"name": vm.name}, reason))
@@ -550,9 +565,18 @@ def _finish_release(vm: VirtualMachine, *, actor=None, message: str = "") -> Non
     event = _transition(vm, VmState.RELEASED, message, actor=actor)
     vm.released_at = event.at
     vm.save(update_fields=["released_at"])
-    if not was_failed:
-        _release_holdings(vm)
+    if was_failed:
+        return  # its holdings went back when it failed
+    _release_holdings(vm)
+    _advance_queue_on_commit()
+    # A VM that never ran was never billable, so billing hears nothing of its release.
+    if vm.lifecycle_events.filter(kind=LifecycleKind.STARTED).exists():
         emit_lifecycle(vm=vm, kind=LifecycleKind.RELEASED, at=event.at, key=str(event.pk))
+
+
+def _advance_queue_on_commit() -> None:
+    """Freed capacity goes to the orders waiting in line now, not at the next reconcile."""
+    transaction.on_commit(queue_advance)
 
 
 # --- Access handoff ----------------------------------------------------------------------
