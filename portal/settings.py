@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "allauth.mfa",
     "tenants",
     "provisioning",
+    "hosting",
     "billing",
     "portal.apps.PortalConfig",
 ]
