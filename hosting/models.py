@@ -47,8 +47,9 @@ class Task(models.Model):
     env = models.JSONField(default=dict, blank=True)
     input_url = models.CharField(max_length=1000, blank=True, help_text=_("s3:// URL of the input data."))
     input_file = models.FileField(upload_to="task-inputs/%Y/%m/", blank=True)
-    gpu_model = models.ForeignKey("provisioning.GpuModel", null=True, blank=True, on_delete=models.PROTECT,
-                                  related_name="+")
+    gpu_model = models.ForeignKey(
+        "provisioning.GpuModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     gpus = models.PositiveSmallIntegerField(default=0, help_text=_("Whole GPUs."))
     vgpu_slices = models.PositiveSmallIntegerField(
         default=0, help_text=_("vGPU slices on the general pool instead of whole GPUs.")
@@ -66,12 +67,17 @@ class Task(models.Model):
     state = models.CharField(max_length=16, choices=TaskState.choices, default=TaskState.QUEUED, db_index=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     submitted_at = models.DateTimeField(default=timezone.now)
+    state_changed_at = models.DateTimeField(default=timezone.now)
     queued_since = models.DateTimeField(default=timezone.now, help_text=_("Kept across preemptions: its place."))
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    stop_requested = models.CharField(
+        max_length=16, blank=True, help_text=_("cancel, preempt, timeout or credit: why the running attempt must stop.")
+    )
+    waiting_reason = models.CharField(max_length=300, blank=True, help_text=_("Why a queued task has not started."))
     exit_code = models.IntegerField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
     progress = models.PositiveSmallIntegerField(default=0)
@@ -84,8 +90,9 @@ class Task(models.Model):
         ordering = ["-submitted_at"]
         indexes = [
             models.Index(fields=["tenant", "state"], name="task_tenant_state"),
-            models.Index(fields=["state", "queued_since"], name="task_queue",
-                         condition=Q(state__in=["queued", "retry_wait"])),
+            models.Index(
+                fields=["state", "queued_since"], name="task_queue", condition=Q(state__in=["queued", "retry_wait"])
+            ),
         ]
 
     def __str__(self) -> str:
@@ -111,10 +118,15 @@ class TaskRun(models.Model):
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="+")
     attempt = models.PositiveSmallIntegerField()
     node_name = models.CharField(max_length=253)
-    gpu_model = models.ForeignKey("provisioning.GpuModel", null=True, blank=True, on_delete=models.PROTECT,
-                                  related_name="+")
-    gpus = models.DecimalField(max_digits=6, decimal_places=4, default=Decimal("0"),
-                               help_text=_("GPUs held; a vGPU slice counts as its fraction."))
+    gpu_model = models.ForeignKey(
+        "provisioning.GpuModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    gpus = models.DecimalField(
+        max_digits=6,
+        decimal_places=4,
+        default=Decimal("0"),
+        help_text=_("GPUs held; a vGPU slice counts as its fraction."),
+    )
     vcpus = models.PositiveSmallIntegerField()
     memory_gib = models.PositiveIntegerField()
     started_at = models.DateTimeField()

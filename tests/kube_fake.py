@@ -2,12 +2,15 @@
 
 It keeps objects in memory, answers the way kube-apiserver and KubeVirt's virt-api do for what the
 portal uses (create, read, list with label selectors, merge/strategic/apply patches, delete, the VM
-start/stop/restart subresources, /version, nodes), records every request, and lets a test script
-failures (`fail_next`) and cluster-side state changes (`set_status`, `put`).
+start/stop/restart subresources, /version, nodes, batch/v1 Jobs and their pods' `log` subresource as
+text/plain), records every request, and lets a test script failures (`fail_next`) and cluster-side
+state changes (`set_status`, `put`; for Jobs `add_job_pod`, `set_job_status`, `set_pod_status`,
+`append_log`).
 
 Simplifications, on purpose: apply patches are applied as JSON merge patches (no field ownership),
-strategic merge knows only the list merge keys in STRATEGIC_MERGE_KEYS, deletes are immediate, and
-NodePort Services get their nodePorts on create.
+strategic merge knows only the list merge keys in STRATEGIC_MERGE_KEYS, deletes are immediate (a Job's
+pods go with it unless propagationPolicy is Orphan), NodePort Services get their nodePorts on create,
+and no controller runs Jobs: the test plays the Job controller and the kubelet with the helpers.
 """
 
 import copy
@@ -38,6 +41,8 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "VirtualMachine": "virtualmachines",
     "VirtualMachineInstance": "virtualmachineinstances",
+    "Job": "jobs",
+    "Pod": "pods",
 }
 KINDS = {plural: kind for kind, plural in PLURALS.items()}
 CLUSTER_SCOPED = {"namespaces", "nodes"}
@@ -45,6 +50,10 @@ _SUBRESOURCE = re.compile(
     r"^/apis/subresources\.kubevirt\.io/v1/namespaces/(?P<ns>[^/]+)/virtualmachines/(?P<name>[^/]+)"
     r"/(?P<action>start|stop|restart)$"
 )
+_POD_LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
+# The labels the Job controller puts on its pods.
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # The client's VersionInfo model requires every field, as kube-apiserver always sends them.
 VERSION = {
     "major": "1",
@@ -190,6 +199,8 @@ def matches_selector(labels: dict, selector: str) -> bool:
 class KubeFake:
     def __init__(self):
         self.objects: dict[tuple, dict] = {}
+        self.logs: dict[tuple[str, str], str] = {}  # (namespace, pod) → what its container printed
+        self._pod_suffixes = itertools.count(1)
         self.requests: list[Request] = []
         self._failures: list[_Failure] = []
         self._stalls: list[_Stall] = []
@@ -273,6 +284,55 @@ class KubeFake:
                 )
                 stored["status"] = vmi
 
+    def add_job_pod(self, namespace: str, job_name: str, status: dict, *, node_name: str = "") -> str:
+        """Play the Job controller: create a pod for the Job (labelled and owned as the controller does,
+        with the Job template's containers) with this status; returns the pod's name."""
+        with self._lock:
+            job = self.objects[("/apis/batch/v1", namespace, "jobs", job_name)]
+            uid = job["metadata"]["uid"]
+            template = copy.deepcopy(job["spec"]["template"])
+            name = f"{job_name}-{next(self._pod_suffixes):05d}"
+            labels = {
+                **(template.get("metadata", {}).get("labels") or {}),
+                JOB_UID_LABEL: uid,
+                JOB_NAME_LABEL: job_name,
+                "controller-uid": uid,
+                "job-name": job_name,
+            }
+            owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid, "controller": True}
+            spec = template["spec"]
+            if node_name:
+                spec["nodeName"] = node_name
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
+                "spec": spec,
+                "status": status,
+            }
+            self._store(_Target("/api/v1", namespace, "pods", name), pod)
+        return name
+
+    def set_job_status(self, namespace: str, name: str, status: dict) -> None:
+        with self._lock:
+            self.objects[("/apis/batch/v1", namespace, "jobs", name)]["status"] = status
+
+    def set_pod_status(self, namespace: str, name: str, status: dict) -> None:
+        with self._lock:
+            self.objects[("/api/v1", namespace, "pods", name)]["status"] = status
+
+    def append_log(self, namespace: str, pod_name: str, text: str) -> None:
+        """Play the kubelet: the pod's container printed `text`."""
+        with self._lock:
+            self.logs[(namespace, pod_name)] = self.logs.get((namespace, pod_name), "") + text
+
+    def delete(self, kind: str, name: str, namespace: str = "") -> None:
+        """Remove an object as the cluster would on its own (a pod gone with its node); not a request."""
+        with self._lock:
+            plural = PLURALS[kind]
+            scope = "" if plural in CLUSTER_SCOPED else namespace
+            self._remove(next(key for key in self.objects if key[1:] == (scope, plural, name)))
+
     def requests_to(self, method: str, path_regex: str) -> list[Request]:
         pattern = re.compile(path_regex)
         return [r for r in self.requests if r.method == method.upper() and pattern.search(r.path)]
@@ -281,7 +341,8 @@ class KubeFake:
 
     def handle(
         self, method: str, raw_path: str, content_type: str, raw_body: bytes, authorization: str = ""
-    ) -> tuple[int, dict, dict]:
+    ) -> tuple[int, dict | str, dict]:
+        """The status, the body (a dict sent as JSON, or a str sent as text/plain) and extra headers."""
         split = urlsplit(raw_path)
         path, query = split.path, {k: v[0] for k, v in parse_qs(split.query).items()}
         body = _parse_body(content_type, raw_body)
@@ -296,9 +357,15 @@ class KubeFake:
                 return failure.status, failure.body, failure.headers
             return (*self._answer(method, path, query, content_type, body), {})
 
-    def _answer(self, method, path, query, content_type, body) -> tuple[int, dict]:
+    def _answer(self, method, path, query, content_type, body) -> tuple[int, dict | str]:
         if path.rstrip("/") == "/version" and method == "GET":  # the client asks for /version/
             return 200, VERSION
+        if log := _POD_LOG.match(path):
+            if method != "GET":
+                return 405, status_body(405, f"{method} not allowed on pods/log", "MethodNotAllowed")
+            if self.objects.get(("/api/v1", log["ns"], "pods", log["name"])) is None:
+                return 404, status_body(404, f'pods "{log["name"]}" not found')
+            return 200, self.logs.get((log["ns"], log["name"]), "")
         if action := _SUBRESOURCE.match(path):
             return self._vm_action(action["ns"], action["name"], action["action"]) if method == "PUT" else (405, {})
         target = _parse_path(path)
@@ -317,7 +384,7 @@ class KubeFake:
         if method == "DELETE":
             if stored is None:
                 return missing
-            del self.objects[target.key()]
+            self._remove(target.key(), cascade=query.get("propagationPolicy") != "Orphan")
             return 200, stored
         if method == "PATCH":
             return self._patch(target, stored, content_type, body)
@@ -390,6 +457,16 @@ class KubeFake:
             vm["metadata"]["resourceVersion"] = str(next(self._versions))
         return 202, {}
 
+    def _remove(self, key: tuple, cascade: bool = True) -> None:
+        removed = self.objects.pop(key)
+        if key[2] == "pods":
+            self.logs.pop((key[1], key[3]), None)
+        if key[2] == "jobs" and cascade:  # the garbage collector deletes the Job's pods
+            uid = removed["metadata"]["uid"]
+            for pod_key, pod in list(self.objects.items()):
+                if pod_key[2] == "pods" and (pod["metadata"].get("labels") or {}).get(JOB_UID_LABEL) == uid:
+                    self._remove(pod_key)
+
     def _store(self, target: _Target, obj: dict, existing: dict | None = None) -> dict:
         metadata = obj.setdefault("metadata", {})
         if target.plural not in CLUSTER_SCOPED and target.namespace:
@@ -425,9 +502,12 @@ class _Handler(BaseHTTPRequestHandler):
             )
         except Exception as exc:  # a bug in the fake shows up as a 500 the test can read, not a hang
             status, body, headers = 500, status_body(500, f"kube_fake crashed: {exc!r}"), {}
-        payload = json.dumps(body).encode()
+        if isinstance(body, str):  # pods/log
+            payload, media_type = body.encode(), "text/plain; charset=utf-8"
+        else:
+            payload, media_type = json.dumps(body).encode(), "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", media_type)
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, str(value))

@@ -106,3 +106,47 @@ class ClusterBackend(Protocol):
 
     def list_vms(self) -> list[VmRef]:
         """Every VM the portal created (by label), for the reconciler to find leftovers."""
+
+
+# The container of a task's Job whose log and exit code are the task's.
+TASK_CONTAINER = "task"
+
+
+class JobPhase(StrEnum):
+    PENDING = "pending"  # created, its pod not running yet (scheduling, pulling the image)
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    MISSING = "missing"  # the cluster has no such Job
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A task's batch/v1 Job as the cluster executor needs it: where it runs and how it ended."""
+
+    phase: JobPhase
+    pod_name: str = ""  # the pod whose log holds the task's output, "" while there is none
+    node_name: str = ""
+    exit_code: int | None = None  # the task container's, once it has terminated
+    reason: str = ""  # plain words: why it waits, how it failed
+    deadline_exceeded: bool = False  # failed because it ran past activeDeadlineSeconds
+    disrupted: bool = False  # the cluster lost or removed the pod (node lost, eviction): not the task's doing
+    cannot_start: bool = False  # pending on something that needs a change to clear (an image that cannot be pulled)
+
+
+class JobBackend(Protocol):
+    """What the cluster executor needs to run task attempts as Jobs (the kubevirt backend has it)."""
+
+    def create_job(self, job_manifest: dict) -> None:
+        """Create the Job; one that already exists under that name is left as it is (idempotent)."""
+
+    def job_status(self, namespace: str, name: str) -> JobStatus: ...
+
+    def read_job_log(
+        self, namespace: str, pod_name: str, since_line: int, *, include_partial: bool = False
+    ) -> list[str]:
+        """The pod's complete log lines after the first `since_line`; the last line too when
+        include_partial and it has no newline yet. A pod that is gone, or not started, has none."""
+
+    def delete_job(self, namespace: str, name: str, grace_seconds: int) -> None:
+        """Delete the Job and (in the background) its pods. Deleting a missing Job is not an error."""

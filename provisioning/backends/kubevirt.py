@@ -24,7 +24,18 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from pydantic import ValidationError
 
-from provisioning.backends.base import BackendError, NodeCapacity, Phase, TenantSpec, VmRef, VmSpec, VmStatus
+from provisioning.backends.base import (
+    TASK_CONTAINER,
+    BackendError,
+    JobPhase,
+    JobStatus,
+    NodeCapacity,
+    Phase,
+    TenantSpec,
+    VmRef,
+    VmSpec,
+    VmStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +105,28 @@ _WAITING_STATUSES = {
 # Conditions whose message explains a wait or a failure (Ready's message only says "not ready").
 _EXPLAINING_CONDITIONS = ("Failure", "Synchronized", "PodScheduled", "DataVolumesReady")
 
+# The Job controller labels its pods with the Job's uid (Kubernetes 1.27+; `controller-uid` before):
+# unlike the Job's name, it never matches the pods of an earlier Job of the same name.
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+# A pod waiting with one of these reasons will not start until someone changes the image or the Job.
+_CANNOT_START_REASONS = {
+    "ErrImagePull": "The task's image cannot be pulled",
+    "ImagePullBackOff": "The task's image cannot be pulled",
+    "InvalidImageName": "The task's image name is invalid",
+    "CreateContainerConfigError": "The task's container cannot be configured",
+    "CreateContainerError": "The task's container cannot be created",
+}
+# Pod reasons for a pod the cluster took away (node lost or shut down, eviction, a device plugin that
+# could not hand out the GPU): the attempt was lost, the task did not fail.
+_DISRUPTED_POD_REASONS = {
+    "NodeLost": "The node running the task stopped reporting",
+    "Evicted": "The node evicted the task",
+    "Shutdown": "The node running the task shut down",
+    "NodeShutdown": "The node running the task shut down",
+    "Terminated": "The node running the task shut down",
+    "UnexpectedAdmissionError": "The node could not hand the task its devices",
+}
+
 
 class _Answered(Exception):
     """The API answered with a status the caller handles itself (404 on a read, 409 on a create …)."""
@@ -129,6 +162,7 @@ class KubevirtBackend:
         self._typed_apis = {kind.api: kind.api(self._api_client) for kind in _TYPED_KINDS.values()}
         self._core = self._typed_apis[client.CoreV1Api]
         self._custom = client.CustomObjectsApi(self._api_client)
+        self._batch = client.BatchV1Api(self._api_client)
         self._version = client.VersionApi(self._api_client)
 
     # --- cluster-wide -----------------------------------------------------------
@@ -237,6 +271,76 @@ class KubevirtBackend:
             ssh_host=ssh_host,
             ssh_port=node_ports.get(SSH_PORT),
             jupyter_url=f"http://{ssh_host}:{jupyter_port}/" if jupyter_port else "",
+        )
+
+    # --- task Jobs ------------------------------------------------------------------
+
+    def create_job(self, job_manifest: dict) -> None:
+        """Create the task's batch/v1 Job. One already there (a dispatch repeated after a crash) is left
+        as it is: a running Job must not be changed under the task, and its name pins the attempt."""
+        metadata = job_manifest["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        with contextlib.suppress(_Answered):
+            self._call(
+                f"create Job {namespace}/{name}",
+                partial(self._batch.create_namespaced_job, namespace, body=job_manifest, field_manager=FIELD_MANAGER),
+                answers={409},
+                subject="Job",
+            )
+
+    def job_status(self, namespace: str, name: str) -> JobStatus:
+        try:
+            job = self._call(
+                f"read Job {namespace}/{name}",
+                partial(self._batch.read_namespaced_job, name, namespace),
+                answers={404},
+            )
+        except _Answered:
+            return JobStatus(phase=JobPhase.MISSING, reason="The task's Job does not exist in the cluster.")
+        uid = job.metadata.uid if job.metadata else None
+        pods = (
+            self._call(
+                f"list the pods of Job {namespace}/{name}",
+                partial(self._core.list_namespaced_pod, namespace, label_selector=f"{JOB_UID_LABEL}={uid}"),
+            ).items
+            if uid
+            else None
+        )
+        return _job_status(job, _latest(pods or []))
+
+    def read_job_log(
+        self, namespace: str, pod_name: str, since_line: int, *, include_partial: bool = False
+    ) -> list[str]:
+        """The task container's log lines after the first `since_line`. The API has no offset, so the whole
+        log is read and cut here; the last line is held back until it ends in a newline (or the task has
+        ended: include_partial), so a line read half-written is never reported as two."""
+        try:
+            text = self._call(
+                f"read the log of pod {namespace}/{pod_name}",
+                partial(self._core.read_namespaced_pod_log, pod_name, namespace, container=TASK_CONTAINER),
+                answers={400, 404},  # 400: the container has not started yet; 404: the pod is gone
+            )
+        except _Answered:
+            return []
+        lines = (text or "").split("\n")
+        complete, partial_line = lines[:-1], lines[-1]
+        if include_partial and partial_line:
+            complete.append(partial_line)
+        return complete[since_line:]
+
+    def delete_job(self, namespace: str, name: str, grace_seconds: int) -> None:
+        """Background propagation: the Job goes at once and the garbage collector deletes its pod, which
+        gets its own terminationGracePeriodSeconds (the grace here applies to the Job object only), so
+        job_manifest sets that to the executor's grace."""
+        self._delete(
+            f"delete Job {namespace}/{name}",
+            partial(
+                self._batch.delete_namespaced_job,
+                name,
+                namespace,
+                grace_period_seconds=int(grace_seconds),
+                propagation_policy="Background",
+            ),
         )
 
     # --- building blocks ----------------------------------------------------------
@@ -615,6 +719,125 @@ def _vmi_phase(vm: dict, vmi: dict, detail: str) -> tuple[Phase, str]:
         return Phase.FAILED, _with_detail("The VM stopped with an error", detail)
     # Unknown: the node stopped reporting. Not ready, and may come back: no final verdict yet.
     return Phase.STARTING, "The cluster has lost contact with the VM's node; waiting for it to come back."
+
+
+def _latest(pods: list[client.V1Pod]) -> client.V1Pod | None:
+    """The Job's newest pod (with backoffLimit 0 there is one; a replacement, if any, is newer)."""
+    if not pods:
+        return None
+
+    def created(pod: client.V1Pod) -> tuple[float, str]:
+        stamp = pod.metadata.creation_timestamp
+        return (stamp.timestamp() if stamp else 0.0, pod.metadata.name or "")
+
+    return max(pods, key=created)
+
+
+def _true_condition(conditions, *types: str):
+    return next((c for c in conditions or [] if c.type in types and c.status == "True"), None)
+
+
+def _job_status(job: client.V1Job, pod: client.V1Pod | None) -> JobStatus:
+    status = job.status or client.V1JobStatus()
+    pod_name = pod.metadata.name if pod else ""
+    node_name = (pod.spec.node_name if pod and pod.spec else None) or ""
+    terminated = _terminated_state(pod)
+    exit_code = terminated.exit_code if terminated else None
+    where = {"pod_name": pod_name, "node_name": node_name}
+    # SuccessCriteriaMet and FailureTarget (Kubernetes 1.31+) come before Complete and Failed, which
+    # wait for the pods to finish terminating: the outcome is already decided.
+    if _true_condition(status.conditions, "Complete", "SuccessCriteriaMet"):
+        return JobStatus(phase=JobPhase.SUCCEEDED, exit_code=0 if exit_code is None else exit_code, **where)
+    failed = _true_condition(status.conditions, "Failed", "FailureTarget")
+    if failed is not None:
+        if failed.reason == "DeadlineExceeded":
+            return JobStatus(
+                phase=JobPhase.FAILED,
+                exit_code=exit_code,
+                reason="The task ran past its time limit.",
+                deadline_exceeded=True,
+                **where,
+            )
+        disruption = _disruption(pod)
+        if disruption or terminated is None:
+            # No container verdict: the pod vanished with its node, or was removed before it ended.
+            reason = disruption or f"The task's pod was lost ({failed.reason or 'no reason given'})."
+            return JobStatus(phase=JobPhase.FAILED, exit_code=exit_code, reason=reason, disrupted=True, **where)
+        return JobStatus(phase=JobPhase.FAILED, exit_code=exit_code, reason=_termination_reason(terminated), **where)
+    if pod is None:
+        return JobStatus(phase=JobPhase.PENDING, reason="Waiting for the cluster to create the task's pod.")
+    phase = (pod.status.phase if pod.status else None) or "Pending"
+    if phase == "Pending":
+        return _pending(pod, where)
+    if phase == "Running":
+        return JobStatus(phase=JobPhase.RUNNING, **where)
+    if phase == "Succeeded":
+        return JobStatus(phase=JobPhase.SUCCEEDED, exit_code=0 if exit_code is None else exit_code, **where)
+    disruption = _disruption(pod)
+    if phase == "Failed" and not disruption and terminated is not None:
+        return JobStatus(phase=JobPhase.FAILED, exit_code=exit_code, reason=_termination_reason(terminated), **where)
+    # Unknown (the node stopped reporting), or failed with no verdict of the task's own.
+    return JobStatus(
+        phase=JobPhase.FAILED,
+        exit_code=exit_code,
+        reason=disruption or "The cluster lost contact with the task's node.",
+        disrupted=True,
+        **where,
+    )
+
+
+def _task_container_status(pod: client.V1Pod | None):
+    statuses = (pod.status.container_statuses if pod and pod.status else None) or []
+    return next((s for s in statuses if s.name == TASK_CONTAINER), statuses[0] if statuses else None)
+
+
+def _terminated_state(pod: client.V1Pod | None):
+    container = _task_container_status(pod)
+    return container.state.terminated if container and container.state else None
+
+
+def _disruption(pod: client.V1Pod | None) -> str:
+    """Why the cluster took the pod away, or "" when it did not."""
+    if pod is None or pod.status is None:
+        return ""
+    target = _true_condition(pod.status.conditions, "DisruptionTarget")
+    if target is not None:
+        return _with_detail(
+            f"The cluster stopped the task's pod ({target.reason or 'disruption'})", target.message or ""
+        )
+    reason = pod.status.reason or ""
+    if reason in _DISRUPTED_POD_REASONS:
+        return _with_detail(_DISRUPTED_POD_REASONS[reason], pod.status.message or "")
+    return ""
+
+
+def _termination_reason(terminated) -> str:
+    code = terminated.exit_code
+    if terminated.reason == "OOMKilled":
+        return f"killed: out of memory (OOMKilled, exit code {code})"
+    detail = (terminated.message or "").strip()
+    return f"exited with code {code}" + (f": {detail[:500]}" if detail else "")
+
+
+def _pending(pod: client.V1Pod, where: dict) -> JobStatus:
+    container = _task_container_status(pod)
+    waiting = container.state.waiting if container and container.state else None
+    if waiting is not None and waiting.reason in _CANNOT_START_REASONS:
+        return JobStatus(
+            phase=JobPhase.PENDING,
+            reason=_with_detail(_CANNOT_START_REASONS[waiting.reason], waiting.message or ""),
+            cannot_start=True,
+            **where,
+        )
+    scheduled = next(
+        (c for c in (pod.status.conditions if pod.status else None) or [] if c.type == "PodScheduled"), None
+    )
+    if scheduled is not None and scheduled.status == "False":
+        reason = _with_detail("Waiting for a node with free capacity", scheduled.message or "")
+        return JobStatus(phase=JobPhase.PENDING, reason=reason, **where)
+    if waiting is not None and waiting.reason:
+        return JobStatus(phase=JobPhase.PENDING, reason=f"Starting ({waiting.reason}).", **where)
+    return JobStatus(phase=JobPhase.PENDING, reason="Starting.", **where)
 
 
 def _node_capacity(node: client.V1Node) -> NodeCapacity:
