@@ -32,14 +32,16 @@ def main() -> None:
         f"  - {{name: gpu-host, pool: high_end, gpu: nvidia.com/GH100_H100_PCIE, gpus: {count}, cpus: 16, "
         "memory_gib: 120}\n"
     )
-    os.environ.update({
-        "DJANGO_SETTINGS_MODULE": "portal.settings",
-        "DATABASE_URL": f"sqlite:///{tmp / 'db.sqlite3'}",
-        "PORTAL_LOCAL_INVENTORY": str(tmp / "inventory.yaml"),
-        "MEDIA_ROOT": str(tmp / "media"),
-        "PORTAL_TASK_EXECUTE_INLINE": "1",
-        "CELERY_TASK_ALWAYS_EAGER": "1",
-    })
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "DATABASE_URL": f"sqlite:///{tmp / 'db.sqlite3'}",
+            "PORTAL_LOCAL_INVENTORY": str(tmp / "inventory.yaml"),
+            "MEDIA_ROOT": str(tmp / "media"),
+            "PORTAL_TASK_EXECUTE_INLINE": "1",
+            "CELERY_TASK_ALWAYS_EAGER": "1",
+        }
+    )
     import django
 
     django.setup()
@@ -61,8 +63,16 @@ def main() -> None:
     example = EXAMPLES["train"]
     began = time.monotonic()
     task = services.task_submit(
-        membership=tenant.memberships.get(), actor=owner, name=example["name"], framework=example["framework"],
-        image=example["image"], command=example["command"], gpu_model="H100", gpus=1, vcpus=4, memory_gib=32,
+        membership=tenant.memberships.get(),
+        actor=owner,
+        name=example["name"],
+        framework=example["framework"],
+        image=example["image"],
+        command=example["command"],
+        gpu_model="H100",
+        gpus=1,
+        vcpus=4,
+        memory_gib=32,
         max_runtime_seconds=example["max_runtime_seconds"],
     )
     services.schedule_pass()  # runs the attempt inline to its end
@@ -79,11 +89,15 @@ def main() -> None:
     for metric in ("loss", "accuracy", "gpu_util_percent", "gpu_memory_percent", "gpu_memory_used_mib"):
         values = metrics.get(metric, [])
         if values:
-            print(f"  {metric}: {len(values)} samples, first {values[0]:.3f}, last {values[-1]:.3f}, "
-                  f"max {max(values):.3f}")
+            print(
+                f"  {metric}: {len(values)} samples, first {values[0]:.3f}, last {values[-1]:.3f}, "
+                f"max {max(values):.3f}"
+            )
     logs = [e.data["text"] for e in events if e.kind == "log"]
     print("log (first lines):", *logs[:6], sep="\n  ")
-    print(f"run: {run.started_at:%H:%M:%S} → {run.ended_at:%H:%M:%S}, outcome {run.outcome}, chargeable {run.chargeable}")
+    print(
+        f"run: {run.started_at:%H:%M:%S} → {run.ended_at:%H:%M:%S}, outcome {run.outcome}, chargeable {run.chargeable}"
+    )
 
 
 if __name__ == "__main__":

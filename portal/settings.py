@@ -6,6 +6,7 @@ offline payment provider, in-memory channel layer, Celery tasks run inline.
 """
 
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
@@ -125,7 +126,14 @@ AUTH_USER_MODEL = "tenants.User"
 REDIS_URL = env("REDIS_URL")
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    # redis-py 8 reads with a 5 s socket timeout by default, which a consumer's 5 s blocking
+    # receive (BZPOPMIN) reaches when idle: give reads room beyond the blocking time.
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -135,6 +143,7 @@ CELERY_BROKER_URL = env("CELERY_BROKER_URL", REDIS_URL or "memory://")
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", REDIS_URL)
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", "celery")
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
@@ -144,6 +153,8 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile-vms": {"task": "provisioning.tasks.reconcile_vms", "schedule": 5.0},
     "revert-scale-ups": {"task": "provisioning.tasks.revert_scale_ups", "schedule": 60.0},
     "sync-inventory": {"task": "provisioning.tasks.sync_inventory", "schedule": 300.0},
+    "schedule-tasks": {"task": "hosting.tasks.schedule_tasks", "schedule": 2.0},
+    "reap-tasks": {"task": "hosting.tasks.reap_tasks", "schedule": 15.0},
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -240,6 +251,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "RoleEnum": "tenants.models.Role",
+        "TaskStateEnum": "hosting.models.TaskState",
     },
 }
 
@@ -288,8 +300,91 @@ PORTAL_IDLE_WARNING_MINUTES = env_int("PORTAL_IDLE_WARNING_MINUTES", 15)
 PORTAL_FIELD_ENCRYPTION_KEY = env("PORTAL_FIELD_ENCRYPTION_KEY")
 # Extra checks an order must pass before it is accepted (the billing module registers its own).
 PORTAL_ORDER_CHECKS: list[str] = []
+# Task hosting.
+PORTAL_TASK_EXECUTOR = env("PORTAL_TASK_EXECUTOR", "local")  # "local" subprocesses, or "cluster" (batch/v1 Jobs)
+# In the embedded default an attempt runs on a thread of the web process; tests run it inline.
+PORTAL_TASK_EXECUTE_INLINE = env_bool("PORTAL_TASK_EXECUTE_INLINE", False)
+# Tenants' own storage for task inputs and results (local filesystem; MEDIA_ROOT/tenants when unset).
+PORTAL_TASK_STORAGE_ROOT = env("PORTAL_TASK_STORAGE_ROOT")
+PORTAL_TASK_UPLOAD_MAX_BYTES = env_int("PORTAL_TASK_UPLOAD_MAX_BYTES", 50 * 2**20)
+PORTAL_TASK_GRACE_SECONDS = env_int("PORTAL_TASK_GRACE_SECONDS", 30)
+PORTAL_TASK_RETRY_BASE_SECONDS = env_int("PORTAL_TASK_RETRY_BASE_SECONDS", 30)
+PORTAL_TASK_HEARTBEAT_DEADLINE_SECONDS = env_int("PORTAL_TASK_HEARTBEAT_DEADLINE_SECONDS", 120)
+PORTAL_TASK_START_DEADLINE_SECONDS = env_int("PORTAL_TASK_START_DEADLINE_SECONDS", 300)
+PORTAL_SCHEDULER_AGEING_SECONDS = env_int("PORTAL_SCHEDULER_AGEING_SECONDS", 600)
+# A task waiting this long reserves its GPU model: later, smaller tasks stop backfilling past it.
+PORTAL_SCHEDULER_RESERVE_AFTER_SECONDS = env_int("PORTAL_SCHEDULER_RESERVE_AFTER_SECONDS", 7200)
+PORTAL_SCHEDULER_LOCK_ID = 7_341_001  # pg advisory lock: one scheduling pass at a time
+# Hooks the billing module fills: who holds an active compute package, and who can pay for a task.
+PORTAL_PACKAGE_HOLDERS = env("PORTAL_PACKAGE_HOLDERS", "")
+PORTAL_TASK_PAYMENT_CHECK = env("PORTAL_TASK_PAYMENT_CHECK", "")
+PORTAL_TASK_COST_ESTIMATOR = env("PORTAL_TASK_COST_ESTIMATOR", "")
+
 # Beat ticks inside the web process when there is no separate Celery beat (make run).
 PORTAL_EMBEDDED_BEAT = env_bool("PORTAL_EMBEDDED_BEAT", False)
+
+# Billing.
+# Off: order and task admission checks pass and running work is never stopped for credit (the test
+# suites of other modules turn it off); charges are still metered, rated and posted.
+PORTAL_BILLING_ENFORCE = env_bool("PORTAL_BILLING_ENFORCE", True)
+PORTAL_ORDER_CHECKS = [*PORTAL_ORDER_CHECKS, "billing.checks.vm_order_can_pay"]
+PORTAL_TASK_PAYMENT_CHECK = env("PORTAL_TASK_PAYMENT_CHECK", "billing.checks.task_can_pay")
+PORTAL_PACKAGE_HOLDERS = env("PORTAL_PACKAGE_HOLDERS", "billing.selectors.tenants_holding_packages")
+# Called as f(tenant=, reason=) when a tenant's credit runs out; empty to leave tasks running.
+PORTAL_TASK_STOPPER = env("PORTAL_TASK_STOPPER", "hosting.services.tasks_stop_for_credit")
+# Usage that arrives this many days after a month ends still goes on that month's invoice.
+PORTAL_INVOICE_GRACE_DAYS = env_int("PORTAL_INVOICE_GRACE_DAYS", 2)
+# How far back the sweepers look for unmetered task runs, VM hours, storage days and scale-up days.
+PORTAL_BILLING_SWEEP_DAYS = env_int("PORTAL_BILLING_SWEEP_DAYS", 35)
+# Payment providers: "offline" (bank transfer confirmed by staff) unless a Stripe key is set.
+PORTAL_PAYMENT_PROVIDERS = {
+    "offline": "billing.providers.offline.OfflineProvider",
+    "stripe": "billing.providers.stripe.StripeProvider",
+}
+PORTAL_PAYMENT_PROVIDER = env("PORTAL_PAYMENT_PROVIDER", "stripe" if env("STRIPE_SECRET_KEY") else "offline")
+# Stripe Checkout (billing/providers/stripe.py) and its webhook at /billing/stripe/webhook/.
+STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
+# The endpoint's signing secret (whsec_…): without it no webhook verifies and nothing is credited.
+STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
+# How old a webhook's signed timestamp may be before it is refused as a replay (Stripe's default).
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = env_int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300)
+STRIPE_API_BASE = env("STRIPE_API_BASE", "https://api.stripe.com")
+# Offered at checkout: "card", plus "alipay" and "wechat_pay" where the Stripe account has them.
+STRIPE_PAYMENT_METHODS = env_list("STRIPE_PAYMENT_METHODS", "card")
+# Retries of a failed API call reuse the payment's idempotency key, so they never make a second session.
+STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2)
+STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 20)
+if PORTAL_PAYMENT_PROVIDER == "stripe" and not (STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET):
+    raise ImproperlyConfigured(
+        "The stripe payment provider needs STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET "
+        "(payments are credited only by verified webhooks)."
+    )
+PORTAL_BANK_ACCOUNT_NAME = env("PORTAL_BANK_ACCOUNT_NAME", "GPU Portal Ltd.")
+PORTAL_BANK_NAME = env("PORTAL_BANK_NAME", "Industrial and Commercial Bank of China, Shanghai Branch")
+PORTAL_BANK_ACCOUNT_NUMBER = env("PORTAL_BANK_ACCOUNT_NUMBER", "6222 0000 0000 0000 000")
+PORTAL_TOP_UP_MIN = Decimal(env("PORTAL_TOP_UP_MIN", "100"))
+PORTAL_TOP_UP_MAX = Decimal(env("PORTAL_TOP_UP_MAX", "1000000"))
+# A TrueType font with Chinese glyphs for invoice PDFs (Debian: fonts-wqy-zenhei).
+PORTAL_INVOICE_FONT = env("PORTAL_INVOICE_FONT", "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update(
+    {
+        "PaymentStatusEnum": "billing.models.PaymentStatus",
+        "InvoiceStatusEnum": "billing.models.InvoiceStatus",
+        "SubscriptionStatusEnum": "billing.models.SubscriptionStatus",
+        "LedgerKindEnum": "billing.models.LedgerKind",
+        "PaymentKindEnum": "billing.models.PaymentKind",
+    }
+)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "billing-meter-usage": {"task": "billing.tasks.meter_usage", "schedule": 300.0},
+        "billing-meter-storage": {"task": "billing.tasks.meter_storage", "schedule": 3600.0},
+        "billing-rate-usage": {"task": "billing.tasks.rate_all_usage", "schedule": 60.0},
+        "billing-renew-subscriptions": {"task": "billing.tasks.renew_subscriptions", "schedule": 300.0},
+        "billing-expire-credit": {"task": "billing.tasks.expire_credit", "schedule": 3600.0},
+        "billing-finalise-invoices": {"task": "billing.tasks.finalise_invoices", "schedule": 3600.0},
+    }
+)
 
 LOGGING = {
     "version": 1,

@@ -8,17 +8,20 @@ from portal import views
 api_v1 = [
     path("", include("tenants.api.urls")),
     path("", include("provisioning.api.urls")),
+    path("", include("hosting.api.urls")),
+    path("", include("billing.api.urls")),
 ]
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("", include("provisioning.urls")),
-    path("tasks/", views.coming_soon, {"section": "tasks"}, name="tasks"),
-    path("billing/", views.coming_soon, {"section": "billing"}, name="billing"),
+    path("", include("hosting.urls")),
+    path("billing/", include("billing.urls")),
     path("healthz", views.healthz, name="healthz"),
     path("i18n/setlang/", views.set_language, name="set_language"),
     path("accounts/", include("allauth.urls")),
     path("", include("tenants.urls")),
+    path("console/billing/", include("billing.console_urls")),
     path("console/", include("portal.console_urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),

@@ -11,7 +11,6 @@ from tenants import selectors
 
 SECTIONS = {
     "compute": (_("Compute"), _("Rent GPU virtual machines: A100 and H100 passthrough, with SSH and Jupyter.")),
-    "tasks": (_("Tasks"), _("Submit GPU tasks to the shared pool and watch their progress live.")),
     "billing": (pgettext_lazy("navigation", "Billing"), _("Compute packages, wallet, invoices and statements.")),
 }
 

@@ -46,12 +46,18 @@ def plan_demand(plan: Plan, *, extra_gpus: int = 0, extra_vcpus: int = 0, extra_
 @dataclass
 class NodeFree:
     node: Node
-    gpus: int
+    gpus: int  # GPUs with no slice in use: what a VM or a whole-GPU task can take
+    slices_used: dict[int, int]  # gpu index → slices in use
     cpus: int
     memory_gib: int
     hugepages_2mi_gib: int
     hugepages_1gi_gib: int
     has_training_vm: bool
+
+    def whole_gpu_slots(self, count: int) -> list[list[int]]:
+        """The first `count` GPUs with nothing on them, each holding all its slices."""
+        free = [index for index in range(self.node.gpus) if not self.slices_used.get(index)][:count]
+        return [[index, self.node.vgpu_slices_per_gpu] for index in free]
 
     def fits(self, demand: Demand) -> int:
         """How many VMs of this demand fit on the node now (0 when it is not a candidate)."""
@@ -78,8 +84,16 @@ class NodeFree:
 
 
 def free_capacity(nodes) -> list[NodeFree]:
-    """Free capacity of the given nodes (a queryset), in two queries whatever their number."""
+    """Free capacity of the given nodes (a queryset), in three queries whatever their number."""
     nodes = list(nodes)
+    slices_used: dict[int, dict[int, int]] = {}
+    active = Placement.objects.filter(node__in=nodes, released_at__isnull=True)
+    for node_id, slots in active.values_list("node_id", "gpu_slots"):
+        if not slots:
+            continue
+        per_gpu = slices_used.setdefault(node_id, {})
+        for index, slices in slots:
+            per_gpu[index] = per_gpu.get(index, 0) + slices
     used = {
         row["node_id"]: row
         for row in Placement.objects.filter(node__in=nodes, released_at__isnull=True)
@@ -96,10 +110,12 @@ def free_capacity(nodes) -> list[NodeFree]:
     free = []
     for node in nodes:
         u = used.get(node.pk, {})
+        busy = slices_used.get(node.pk, {})
         free.append(
             NodeFree(
                 node=node,
-                gpus=node.gpus - (u.get("gpus") or 0),
+                gpus=sum(1 for index in range(node.gpus) if not busy.get(index)),
+                slices_used=busy,
                 cpus=node.cpus - (u.get("cpus") or 0),
                 memory_gib=node.memory_gib - (u.get("memory_gib") or 0),
                 hugepages_2mi_gib=node.hugepages_2mi_gib - (u.get("hugepages_2mi") or 0),
@@ -155,6 +171,7 @@ def place(*, demand: Demand, holder_type: str, holder_id: str) -> Placement | No
         holder_id=str(holder_id),
         profile=demand.profile,
         gpus=demand.gpus,
+        gpu_slots=best.whole_gpu_slots(demand.gpus),
         cpus=demand.cpus,
         memory_gib=demand.memory_gib,
         hugepage_size=demand.hugepage_size,

@@ -166,6 +166,11 @@ class Placement(models.Model):
     holder_id = models.CharField(max_length=64)
     profile = models.CharField(max_length=16, blank=True)
     gpus = models.PositiveSmallIntegerField(default=0)
+    gpu_slots = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=_("[[gpu index, slices held], …]; a whole GPU holds all the slices it offers."),
+    )
     cpus = models.PositiveIntegerField(default=0)
     memory_gib = models.PositiveIntegerField(default=0)
     hugepage_size = models.CharField(max_length=4, choices=HugepageSize.choices, blank=True, default="")

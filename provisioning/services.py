@@ -475,13 +475,16 @@ def _update_access(vm: VirtualMachine, status: VmStatus) -> None:
 # --- Customer actions ------------------------------------------------------------------
 
 
-def _locked_vm(membership: Membership, vm: VirtualMachine) -> VirtualMachine:
-    require(membership, Capability.USE_COMPUTE)
-    return (
-        VirtualMachine.objects.select_for_update(of=("self",))
-        .select_related("tenant", "plan__gpu_model", "created_by")
-        .get(pk=vm.pk, tenant_id=membership.tenant_id)
+def _locked_vm(membership: Membership | None, vm: VirtualMachine) -> VirtualMachine:
+    """The VM locked for a change. A member needs USE_COMPUTE in its tenant; None is the system
+    itself (billing stopping work when credit runs out, idle release)."""
+    query = VirtualMachine.objects.select_for_update(of=("self",)).select_related(
+        "tenant", "plan__gpu_model", "created_by"
     )
+    if membership is None:
+        return query.get(pk=vm.pk)
+    require(membership, Capability.USE_COMPUTE)
+    return query.get(pk=vm.pk, tenant_id=membership.tenant_id)
 
 
 def _refuse(vm: VirtualMachine, action: str) -> None:
@@ -508,13 +511,13 @@ def vm_start(*, membership: Membership, actor, vm: VirtualMachine) -> VirtualMac
 
 
 @transaction.atomic
-def vm_stop(*, membership: Membership, actor, vm: VirtualMachine) -> VirtualMachine:
+def vm_stop(*, membership: Membership | None, actor, vm: VirtualMachine, reason: str = "") -> VirtualMachine:
     vm = _locked_vm(membership, vm)
     if vm.state not in STOPPABLE:
         _refuse(vm, _("stopped"))
     _call_backend(get_backend().stop_vm, vm_ref(vm))
     was_running = vm.state == VmState.RUNNING
-    event = _transition(vm, VmState.STOPPING, actor=actor)
+    event = _transition(vm, VmState.STOPPING, reason, actor=actor)
     if was_running:
         emit_lifecycle(vm=vm, kind=LifecycleKind.STOPPED, at=event.at, key=str(event.pk))
     return vm

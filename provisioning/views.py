@@ -201,13 +201,21 @@ def _status_context(request, vm: VirtualMachine) -> dict:
     }
 
 
-def _detail(request, vm: VirtualMachine, scale_up_form: ScaleUpForm | None = None, status: int = 200):
-    context = _status_context(request, vm) | {
+def _side_context(request, vm: VirtualMachine, scale_up_form: ScaleUpForm | None = None) -> dict:
+    """The details and scale-up column, which also changes with the VM's state (running since, the form)."""
+    return {
         "scale_ups": selectors.scale_ups_of(vm),
         "can_scale_up": _can_scale_up(request, vm),
         "scale_up_form": scale_up_form or ScaleUpForm(),
-        "live": {"id": str(vm.pk), "copy": _("Copy"), "copied": _("Copied")},
     }
+
+
+def _detail(request, vm: VirtualMachine, scale_up_form: ScaleUpForm | None = None, status: int = 200):
+    context = (
+        _status_context(request, vm)
+        | _side_context(request, vm, scale_up_form)
+        | {"live": {"id": str(vm.pk), "copy": _("Copy"), "copied": _("Copied")}}
+    )
     return render(request, "provisioning/vm_detail.html", context, status=status)
 
 
@@ -228,8 +236,11 @@ def vm_detail(request, pk):
 @tenant_page(Capability.VIEW_COMPUTE)
 @require_GET
 def vm_status_partial(request, pk):
-    """The VM's state, stepper, actions and history alone, for live refreshes (htmx)."""
-    return render(request, "provisioning/_vm_status.html", _status_context(request, _vm_or_404(request, pk)))
+    """The VM's state, stepper, actions and history, for live refreshes (htmx); the details column
+    comes along out of band, so "Running since" and the scale-up form follow the state too."""
+    vm = _vm_or_404(request, pk)
+    context = _status_context(request, vm) | _side_context(request, vm)
+    return render(request, "provisioning/_vm_status_live.html", context)
 
 
 @tenant_page(Capability.USE_COMPUTE)

@@ -1,5 +1,6 @@
 """/ws/dashboard/: members of a tenant get its live events through the channel layer, nobody else does."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -23,7 +24,10 @@ def redis_layer(settings):
     return {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": f"test-{uuid.uuid4().hex[:8]}"},
+            "CONFIG": {
+                "hosts": [{"address": settings.REDIS_URL, "socket_timeout": 30}],
+                "prefix": f"test-{uuid.uuid4().hex[:8]}",
+            },
         }
     }
 
@@ -92,3 +96,17 @@ async def test_session_cannot_pick_a_tenant_the_user_is_not_in():
 
 def _reserve(tenant):
     services.quota_reserve(tenant=tenant, holder_type="vm", holder_id=f"t{tenant.pk}", demand=ResourceDemand(vms=1))
+
+
+@pytest.mark.redis
+async def test_an_idle_subscriber_stays_connected_on_the_redis_layer():
+    """A dashboard open with nothing happening must not die when the layer's blocking read idles."""
+    owner = await database_sync_to_async(UserFactory)()
+    tenant = await sync_to_async(make_tenant)(owner=owner)
+    communicator, connected, _ = await connect(owner, tenant)
+    assert connected
+    await asyncio.sleep(7)  # past redis-py's default 5 s socket timeout
+    assert await communicator.receive_nothing(timeout=0.5)
+    await sync_to_async(_reserve)(tenant)
+    assert (await communicator.receive_json_from(timeout=5))["kind"] == "quota.changed"
+    await communicator.disconnect()

@@ -14,6 +14,10 @@ CONTRACT = [
     "/api/v1/tokens/{id}/",
     "/api/v1/ssh-keys/",
     "/api/v1/ssh-keys/{id}/",
+    "/api/v1/tasks/",
+    "/api/v1/tasks/{id}/",
+    "/api/v1/tasks/{id}/cancel/",
+    "/api/v1/tasks/{id}/logs/",
 ]
 
 

@@ -41,7 +41,12 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, inventory: Path | None = None):
-        self.inventory = Path(inventory or settings.PORTAL_LOCAL_INVENTORY)
+        self._inventory = inventory
+
+    @property
+    def inventory(self) -> Path:
+        # Read the setting on each use: the backend instance is cached for the process.
+        return Path(self._inventory or settings.PORTAL_LOCAL_INVENTORY)
 
     # --- cluster-wide -----------------------------------------------------------
 
