@@ -219,22 +219,7 @@ def usage_append(*, events) -> AppendResult:
     return result
 
 
-USAGE_COLUMNS = (
-    "tenant_id",
-    "sequence",
-    "idempotency_key",
-    "source",
-    "source_id",
-    "resource",
-    "unit",
-    "quantity",
-    "period_start",
-    "period_end",
-    "meta",
-    "created_at",
-    "prev_hash",
-    "hash",
-)
+USAGE_COLUMNS = (*hashing.HASHED_FIELDS, "hash")
 
 
 def _insert_usage_rows(rows: list[UsageRecord]) -> None:

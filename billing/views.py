@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
@@ -15,21 +15,7 @@ from billing.models import Invoice, PackageOffer, Payment, PaymentStatus
 from billing.pdf import invoice_pdf_bytes
 from provisioning.selectors import plans_with_availability
 from tenants.roles import Capability, role_can
-from tenants.views import tenant_page
-
-
-def _run(request, action, success: str) -> bool:
-    try:
-        action()
-    except ValidationError as exc:
-        for message in exc.messages:
-            messages.error(request, message)
-        return False
-    except PermissionDenied as exc:
-        messages.error(request, str(exc) or _("Your role in this tenant does not allow this."))
-        return False
-    messages.success(request, success)
-    return True
+from tenants.views import run_action, tenant_page
 
 
 def _to_payment(payment: Payment):
@@ -105,7 +91,7 @@ def low_balance(request):
     if not form.is_valid():
         messages.error(request, _("Enter an amount of zero or more, or leave it empty."))
         return redirect("billing")
-    _run(
+    run_action(
         request,
         lambda: services.wallet_set_low_balance_threshold(
             membership=request.membership, actor=request.user, threshold=form.cleaned_data["low_balance_threshold"]
@@ -131,7 +117,7 @@ def payment_cancel(request, pk):
         payment = selectors.payment_of(request.membership.tenant, pk)
     except Payment.DoesNotExist as exc:
         raise Http404 from exc
-    _run(
+    run_action(
         request,
         lambda: services.payment_cancel(payment=payment, actor=request.user, membership=request.membership),
         _("Payment %(reference)s cancelled.") % {"reference": payment.reference},
@@ -146,7 +132,7 @@ def subscription_action(request, pk, action):
     if action not in ("cancel", "resume"):
         raise Http404
     cancel = action == "cancel"
-    _run(
+    run_action(
         request,
         lambda: services.subscription_cancel(
             membership=request.membership, actor=request.user, subscription=subscription, cancel=cancel

@@ -16,7 +16,7 @@ from hosting.models import FINISHED_TASK_STATES, Task, TaskState
 from provisioning.models import GpuModel
 from tenants.forms import add_service_errors
 from tenants.roles import Capability, role_can
-from tenants.views import _run, tenant_page
+from tenants.views import run_action, tenant_page
 
 TASKS_PER_PAGE = 50
 LOG_LINES = 2000  # the page shows (and keeps, as lines arrive) the last this many lines; the full log is a link
@@ -133,7 +133,7 @@ def task_detail(request, pk):
 @require_POST
 def task_cancel(request, pk):
     task = _task_or_404(request, pk)
-    _run(
+    run_action(
         request,
         lambda: services.task_cancel(membership=request.membership, actor=request.user, task=task),
         _("Cancelling %(name)s.") % {"name": task.name},

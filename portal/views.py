@@ -3,16 +3,10 @@ from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
-from django.utils.translation import check_for_language, pgettext_lazy
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import check_for_language
 from django.views.i18n import set_language as django_set_language
 
 from tenants import selectors
-
-SECTIONS = {
-    "compute": (_("Compute"), _("Rent GPU virtual machines: A100 and H100 passthrough, with SSH and Jupyter.")),
-    "billing": (pgettext_lazy("navigation", "Billing"), _("Compute packages, wallet, invoices and statements.")),
-}
 
 
 @login_required
@@ -22,12 +16,6 @@ def dashboard(request):
     if membership:
         context["quota_lines"] = selectors.quota_usage(membership.tenant)
     return render(request, "portal/dashboard.html", context)
-
-
-@login_required
-def coming_soon(request, section: str):
-    title, description = SECTIONS[section]
-    return render(request, "portal/coming_soon.html", {"section": section, "title": title, "description": description})
 
 
 def healthz(request):

@@ -20,7 +20,7 @@ from provisioning.models import BillingMode, VirtualMachine, VmState
 from tenants import selectors as tenant_selectors
 from tenants.forms import add_service_errors
 from tenants.roles import Capability, role_can
-from tenants.views import _run, tenant_page
+from tenants.views import run_action, tenant_page
 
 VMS_PER_PAGE = 50
 
@@ -250,7 +250,7 @@ def vm_action(request, pk, action: str):
         raise Http404
     vm = _vm_or_404(request, pk)
     chosen = ACTIONS[action]
-    _run(
+    run_action(
         request,
         lambda: chosen.service(membership=request.membership, actor=request.user, vm=vm),
         chosen.done % {"name": vm.name},

@@ -148,7 +148,8 @@ def _member_or_404(request, pk) -> Membership:
     return get_object_or_404(Membership.objects.select_related("user"), pk=pk, tenant=request.membership.tenant)
 
 
-def _run(request, action, success: str) -> bool:
+def run_action(request, action, success: str) -> bool:
+    """Run a service call for a page; put its refusal or the success message on the next page."""
     try:
         action()
     except ValidationError as exc:
@@ -170,7 +171,7 @@ def member_role(request, pk):
     if not form.is_valid():
         messages.error(request, _("Choose a valid role."))
         return redirect("team")
-    _run(
+    run_action(
         request,
         lambda: services.membership_change_role(
             membership=request.membership, actor=request.user, target=target, role=form.cleaned_data["role"]
@@ -186,7 +187,7 @@ def member_remove(request, pk):
     target = _member_or_404(request, pk)
     if target.pk == request.membership.pk:
         return team_leave(request)
-    _run(
+    run_action(
         request,
         lambda: services.membership_remove(membership=request.membership, actor=request.user, target=target),
         _("%(email)s was removed.") % {"email": target.user.email},
@@ -198,7 +199,7 @@ def member_remove(request, pk):
 @require_POST
 def team_leave(request):
     name = request.membership.tenant.name
-    left = _run(
+    left = run_action(
         request,
         lambda: services.membership_remove(
             membership=request.membership, actor=request.user, target=request.membership
@@ -215,7 +216,7 @@ def team_leave(request):
 @require_POST
 def invitation_revoke(request, pk):
     invitation = get_object_or_404(selectors.pending_invitations_of(request.membership.tenant), pk=pk)
-    _run(
+    run_action(
         request,
         lambda: services.invitation_revoke(membership=request.membership, actor=request.user, invitation=invitation),
         _("Invitation to %(email)s withdrawn.") % {"email": invitation.email},
@@ -286,7 +287,7 @@ def ssh_keys(request):
 @require_POST
 def ssh_key_delete(request, pk):
     key = get_object_or_404(selectors.ssh_keys_of(request.membership.tenant), pk=pk)
-    _run(
+    run_action(
         request,
         lambda: services.ssh_key_delete(membership=request.membership, actor=request.user, key=key),
         _("Key %(name)s deleted.") % {"name": key.name},
@@ -327,7 +328,7 @@ def api_token_revoke(request, pk):
     sees_all = role_can(request.membership.role, Capability.MANAGE_KEYS)
     tokens = selectors.api_tokens_of(request.membership.tenant, user=None if sees_all else request.user)
     token = get_object_or_404(tokens, pk=pk)
-    _run(
+    run_action(
         request,
         lambda: services.api_token_revoke(membership=request.membership, actor=request.user, token=token),
         _("Token %(name)s revoked.") % {"name": token.name},

@@ -1,5 +1,6 @@
 from rest_framework import serializers
 
+from billing.hashing import HASHED_FIELDS
 from billing.models import (
     Invoice,
     InvoiceLine,
@@ -379,22 +380,7 @@ class StatementSerializer(serializers.Serializer):
 class UsageRecordSerializer(serializers.ModelSerializer):
     class Meta:
         model = UsageRecord
-        fields = [
-            "tenant_id",
-            "sequence",
-            "idempotency_key",
-            "source",
-            "source_id",
-            "resource",
-            "unit",
-            "quantity",
-            "period_start",
-            "period_end",
-            "meta",
-            "created_at",
-            "prev_hash",
-            "hash",
-        ]
+        fields = [*HASHED_FIELDS, "hash"]
         read_only_fields = fields
         extra_kwargs = {
             "sequence": {"help_text": "Position in your chain, from 1 without gaps."},
