@@ -2,6 +2,7 @@ from decimal import Decimal
 
 from django import forms
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 from billing.models import LedgerKind
 from billing.selectors import GRANULARITIES
@@ -27,7 +28,7 @@ class PackageBuyForm(forms.Form):
 
 
 class StatementForm(forms.Form):
-    start = forms.DateField(label=_("From"), widget=forms.DateInput(attrs={"type": "date"}))
+    start = forms.DateField(label=pgettext_lazy("period", "From"), widget=forms.DateInput(attrs={"type": "date"}))
     end = forms.DateField(label=_("To (exclusive)"), widget=forms.DateInput(attrs={"type": "date"}))
     granularity = forms.ChoiceField(label=_("By"), choices=[(g, g) for g in GRANULARITIES], initial="day")
 

@@ -1,11 +1,12 @@
 """Reads for billing. Every read of a tenant's money takes the tenant it reads from."""
 
 from collections import defaultdict
+from copy import copy
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from billing.models import (
@@ -13,12 +14,15 @@ from billing.models import (
     CreditGrant,
     Invoice,
     InvoiceLine,
+    InvoiceStatus,
     LedgerEntry,
     LedgerKind,
+    LineKind,
     Payment,
     PriceBookVersion,
     Subscription,
     UsageRecord,
+    UsageSource,
     Wallet,
 )
 from billing.money import (
@@ -26,11 +30,13 @@ from billing.money import (
     ZERO,
     add_months,
     exact,
+    exact_amount,
     in_priced_units,
     local_date,
     local_midnight,
     microseconds,
     month_start,
+    quantity,
     to_fen,
     zone,
 )
@@ -345,3 +351,202 @@ def month_range(tenant: Tenant, day: date) -> tuple[datetime, datetime]:
 
 def today_of(tenant: Tenant) -> date:
     return local_date(timezone.now(), zone(tenant.time_zone))
+
+
+# --- What a task cost so far -------------------------------------------------------------------------
+
+
+@dataclass
+class _Metered:
+    """A task usage record for the replay: one the log holds, or one a run will append."""
+
+    sequence: int
+    resource: str
+    period_start: datetime
+    created_at: datetime
+    quantity: Decimal
+    record: UsageRecord | None = None  # set for the task's own records
+
+
+class _Replay:
+    """Stands in for the invoice lines of a rating pass (billing.services._Lines), so that billing's own
+    _rate_record rates the task's records again without writing anything: invoice_for gives the invoice
+    month the record went (or will go) to, task_gpu_seconds the task GPU-seconds that invoice had rated
+    before it (the volume bands), and add collects the task's own quantity per invoice line."""
+
+    def __init__(self):
+        self.month: date | None = None
+        self.gpu_before = ZERO
+        self.lines: dict[tuple[date, str], list] = {}
+
+    def invoice_for(self, moment: datetime) -> tuple[date | None, None]:
+        return self.month, None
+
+    def task_gpu_seconds(self, invoice) -> Decimal:
+        return self.gpu_before
+
+    def add(self, invoice, day, *, key, unit_price, discount_percent, per_unit, amount_quantity, **_line) -> None:
+        line = self.lines.setdefault((invoice, key), [ZERO, unit_price, discount_percent, per_unit])
+        with exact():
+            line[0] += amount_quantity
+
+    def amount(self) -> Decimal:
+        """Each line's share rounded once, as the line itself is rounded, then summed."""
+        return sum(
+            (to_fen(exact_amount(q, price, off, per_unit)) for q, price, off, per_unit in self.lines.values()),
+            Decimal("0.00"),
+        )
+
+
+def _next_month(month: date) -> date:
+    return add_months(month, 1)
+
+
+def _route(tenant: Tenant, tz, own: list[_Metered]) -> dict[int, tuple[date, Decimal]]:
+    """For each of the task's records (by sequence): the invoice month rating put it on (or will), and
+    the task GPU-seconds that invoice had rated before it.
+
+    A record goes on the invoice of its month unless that invoice was final when it was rated; then on
+    the next one still open. Rating takes a tenant's records in sequence order and an invoice is final
+    from one moment on, so the records that reached a final invoice are the first of those headed for
+    it, in sequence order, up to its task quantity; the rest go on. Records from before the task's
+    first month are placed by when they were appended against when those invoices were finalised.
+    """
+    month_of = {m.sequence: month_start(local_date(m.period_start, tz)) for m in own}
+    first = min(month_of.values())
+    invoices = {i.period_start: i for i in Invoice.objects.filter(tenant=tenant)}
+
+    def final(month: date) -> bool:
+        invoice = invoices.get(month)
+        return invoice is not None and invoice.status == InvoiceStatus.FINAL
+
+    last = max(month_of.values())
+    while final(last):
+        last = _next_month(last)
+    start, end = local_midnight(first, tz), local_midnight(_next_month(last), tz)
+    caps: dict[date, Decimal] = defaultdict(lambda: ZERO)
+    final_ids = {i.pk: month for month, i in invoices.items() if first <= month <= last and final(month)}
+    with exact():
+        for invoice_id, line_quantity in InvoiceLine.objects.filter(
+            invoice_id__in=list(final_ids), kind=LineKind.TASK
+        ).values_list("invoice_id", "quantity"):
+            caps[final_ids[invoice_id]] += line_quantity
+
+    rows = UsageRecord.objects.filter(tenant=tenant, source=UsageSource.TASK, period_start__lt=end).filter(
+        Q(period_start__gte=start) | Q(created_at__gte=start)
+    )
+    own_sequences = {m.sequence for m in own}
+    heading: dict[date, list[_Metered]] = defaultdict(list)
+    carry: list[_Metered] = []
+    for sequence, resource, period_start, created_at, amount in rows.values_list(
+        "sequence", "resource", "period_start", "created_at", "quantity"
+    ):
+        if sequence in own_sequences:
+            continue
+        metered = _Metered(sequence, resource, period_start, created_at, amount)
+        month = month_start(local_date(period_start, tz))
+        if month >= first:
+            heading[month].append(metered)
+            continue
+        while month < first and final(month) and created_at > (invoices[month].finalised_at or created_at):
+            month = _next_month(month)
+        if month >= first:
+            carry.append(metered)  # late usage of an earlier month, carried on to the task's months
+    for metered in own:
+        heading[month_of[metered.sequence]].append(metered)
+
+    placed: dict[int, tuple[date, Decimal]] = {}
+    month = first
+    while month <= last or carry:
+        toward = sorted(carry + heading.pop(month, []), key=lambda m: m.sequence)
+        carry = []
+        if final(month):
+            taken, total = [], ZERO
+            with exact():
+                for index, metered in enumerate(toward):
+                    if total + metered.quantity > caps[month]:
+                        carry = toward[index:]
+                        break
+                    total += metered.quantity
+                    taken.append(metered)
+        else:
+            taken = toward
+        gpu = ZERO
+        with exact():
+            for metered in taken:
+                if metered.sequence in own_sequences:
+                    placed[metered.sequence] = (month, gpu)
+                if metered.resource.startswith("gpu:"):
+                    pass
+        month = _next_month(month)
+    return placed
+
+
+def task_cost(task, now: datetime | None = None) -> Decimal | None:
+    """What the task has cost so far, in CNY (2 places): billing's own rating of its usage.
+
+    Each usage record of the task's runs is rated as the rating pass rates it (billing.services
+    ._rate_record: the price in force when the usage began, the volume band the tenant's month had
+    reached at that record, the invoice it went on), and the task's share of each invoice line is
+    rounded to the fen once, as the line is. So for a task that is alone on its invoice lines this is
+    exactly what the invoice charges for it; tasks sharing a line may each differ from an even split
+    of that line's rounding by under a fen.
+
+    Records a run will append but the log does not hold yet are rated the same way after everything
+    the log holds: a finished run not yet metered, and, as an estimate, a run still going as if it
+    ended now (if that attempt is preempted or its node is lost, it will cost nothing). Runs that were
+    not chargeable cost nothing. None when some usage has no price in force (it stays unrated until
+    staff add one).
+    """
+    from billing.services import _rate_record, _task_run_events
+    from hosting.models import TaskRun
+
+    now = now or timezone.now()
+    runs = list(TaskRun.objects.filter(task=task).select_related("gpu_model"))
+    if not runs:
+        return Decimal("0.00")
+    tenant = task.tenant
+    tz = zone(tenant.time_zone)
+    records = list(
+        UsageRecord.objects.filter(
+            tenant=tenant, source=UsageSource.TASK, source_id__in=[str(run.pk) for run in runs]
+        ).order_by("sequence")
+    )
+    own = [_Metered(r.sequence, r.resource, r.period_start, r.created_at, r.quantity, r) for r in records]
+    keys = {r.idempotency_key for r in records}
+    head = (
+        UsageRecord.objects.filter(tenant=tenant).order_by("-sequence").values_list("sequence", flat=True).first() or 0
+    )
+    for run in runs:
+        if run.ended_at is None:  # still going: as if it ended now
+            run = copy(run)
+            run.ended_at, run.chargeable = now, True
+        for event in _task_run_events(run, tz):
+            if event.idempotency_key in keys:
+                continue
+            head += 1
+            record = UsageRecord(
+                tenant=tenant,
+                sequence=head,
+                source=event.source,
+                source_id=event.source_id,
+                resource=event.resource,
+                unit=event.unit,
+                quantity=quantity(event.quantity),
+                period_start=event.period_start,
+                period_end=event.period_end,
+                created_at=now,
+            )
+            own.append(_Metered(head, record.resource, record.period_start, now, record.quantity, record))
+    if not own:
+        return Decimal("0.00")
+    placed = _route(tenant, tz, own)
+    book = PriceBook()
+    replay = _Replay()
+    try:
+        for metered in sorted(own, key=lambda m: m.sequence):
+            replay.month, replay.gpu_before = placed[metered.sequence]
+            _rate_record(metered.record, replay, book)
+    except MissingPrice:
+        return None
+    return to_fen(replay.amount())

@@ -745,6 +745,7 @@ def _end(task: Task, outcome: Outcome, *, run: TaskRun | None) -> None:
             failure_reason=outcome.reason or _("Failed."),
             **common,
         )
+    storage.publish_results(task)  # S3 storage uploads the output folder once this commits
     _schedule_soon()
 
 

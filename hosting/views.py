@@ -157,7 +157,9 @@ def task_log(request, pk):
 def task_result(request, pk, path: str):
     task = _task_or_404(request, pk)
     try:
-        file = storage.result_path(task, path)
+        file = storage.open_result(task, path)
     except FileNotFoundError as exc:
         raise Http404 from exc
-    return FileResponse(file.open("rb"), as_attachment=True, filename=file.name)
+    response = FileResponse(file.file, as_attachment=True, filename=file.name)
+    response["Content-Length"] = file.size
+    return response

@@ -304,8 +304,20 @@ PORTAL_ORDER_CHECKS: list[str] = []
 PORTAL_TASK_EXECUTOR = env("PORTAL_TASK_EXECUTOR", "local")  # "local" subprocesses, or "cluster" (batch/v1 Jobs)
 # In the embedded default an attempt runs on a thread of the web process; tests run it inline.
 PORTAL_TASK_EXECUTE_INLINE = env_bool("PORTAL_TASK_EXECUTE_INLINE", False)
-# Tenants' own storage for task inputs and results (local filesystem; MEDIA_ROOT/tenants when unset).
+# Tenants' own storage for task inputs and results. Attempts run in a local working directory under
+# PORTAL_TASK_STORAGE_ROOT (MEDIA_ROOT/tenants when unset). Results are kept there ("local"), or uploaded
+# when an attempt ends to an S3-compatible bucket under tenants/<tenant id>/tasks/<task id>/output/ ("s3").
 PORTAL_TASK_STORAGE_ROOT = env("PORTAL_TASK_STORAGE_ROOT")
+PORTAL_TASK_STORAGE = env("PORTAL_TASK_STORAGE", "local")  # "local" | "s3"
+PORTAL_S3_ENDPOINT_URL = env("PORTAL_S3_ENDPOINT_URL", "")  # empty: AWS S3 itself
+PORTAL_S3_BUCKET = env("PORTAL_S3_BUCKET", "")
+PORTAL_S3_ACCESS_KEY_ID = env("PORTAL_S3_ACCESS_KEY_ID", "")  # both empty: boto3's own credential chain
+PORTAL_S3_SECRET_ACCESS_KEY = env("PORTAL_S3_SECRET_ACCESS_KEY", "")
+PORTAL_S3_REGION = env("PORTAL_S3_REGION", "")
+if PORTAL_TASK_STORAGE not in ("local", "s3"):
+    raise ImproperlyConfigured('PORTAL_TASK_STORAGE must be "local" or "s3".')
+if PORTAL_TASK_STORAGE == "s3" and not PORTAL_S3_BUCKET:
+    raise ImproperlyConfigured('PORTAL_TASK_STORAGE is "s3" but PORTAL_S3_BUCKET is not set.')
 PORTAL_TASK_UPLOAD_MAX_BYTES = env_int("PORTAL_TASK_UPLOAD_MAX_BYTES", 50 * 2**20)
 PORTAL_TASK_GRACE_SECONDS = env_int("PORTAL_TASK_GRACE_SECONDS", 30)
 PORTAL_TASK_RETRY_BASE_SECONDS = env_int("PORTAL_TASK_RETRY_BASE_SECONDS", 30)
@@ -318,7 +330,7 @@ PORTAL_SCHEDULER_LOCK_ID = 7_341_001  # pg advisory lock: one scheduling pass at
 # Hooks the billing module fills: who holds an active compute package, and who can pay for a task.
 PORTAL_PACKAGE_HOLDERS = env("PORTAL_PACKAGE_HOLDERS", "")
 PORTAL_TASK_PAYMENT_CHECK = env("PORTAL_TASK_PAYMENT_CHECK", "")
-PORTAL_TASK_COST_ESTIMATOR = env("PORTAL_TASK_COST_ESTIMATOR", "")
+PORTAL_TASK_COST_ESTIMATOR = env("PORTAL_TASK_COST_ESTIMATOR", "billing.selectors.task_cost")
 
 # Beat ticks inside the web process when there is no separate Celery beat (make run).
 PORTAL_EMBEDDED_BEAT = env_bool("PORTAL_EMBEDDED_BEAT", False)

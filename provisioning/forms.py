@@ -1,5 +1,6 @@
 from django import forms
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 from provisioning.models import BillingMode, Plan
 from tenants.models import SshKey
@@ -26,7 +27,10 @@ class VmOrderForm(forms.Form):
         widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}),
     )
     billing_mode = forms.ChoiceField(
-        label=_("Billing"), choices=BillingMode.choices, initial=BillingMode.MONTHLY, widget=forms.RadioSelect
+        label=pgettext_lazy("mode", "Billing"),
+        choices=BillingMode.choices,
+        initial=BillingMode.MONTHLY,
+        widget=forms.RadioSelect,
     )
     ssh_key_ids = SshKeyChoiceField(
         label=_("SSH keys"),

@@ -31,6 +31,20 @@ LONG = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_executor_outlives_its_test():
+    """Attempts running on threads are told to stop and awaited, so none writes while the database is
+    flushed for the next test."""
+    yield
+    running = [t for t in threading.enumerate() if t.name.startswith("task-")]
+    if running:
+        Task.objects.exclude(state__in=["succeeded", "failed", "timed_out", "cancelled"]).update(
+            stop_requested="cancel"
+        )
+        for thread in running:
+            thread.join(timeout=30)
+
+
 @pytest.fixture
 def pool(settings, tmp_path):
     settings.PORTAL_TASK_EXECUTE_INLINE = True

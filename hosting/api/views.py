@@ -190,7 +190,9 @@ class TaskResultView(TenantScopedMixin, APIView):
     def get(self, request, pk, path):
         try:
             task = selectors.task_of(self.tenant, pk)
-            file = storage.result_path(task, path)
+            file = storage.open_result(task, path)
         except (Task.DoesNotExist, FileNotFoundError) as exc:
             raise NotFound from exc
-        return FileResponse(file.open("rb"), as_attachment=True, filename=file.name)
+        response = FileResponse(file.file, as_attachment=True, filename=file.name)
+        response["Content-Length"] = file.size
+        return response
