@@ -225,6 +225,7 @@ class Subscriber:
             "task": self.task,
             "received": self.received,
             "lost": sum(1 for c in seen if c == 0) + max(0, target + 1 - len(self.counts)),
+            "missing": [seq for seq in range(1, target + 1) if seq >= len(self.counts) or not self.counts[seq]][:5],
             "duplicated": sum(c - 1 for c in self.counts if c > 1),
             "beyond": sum(self.counts[target + 1 :]),
             "out_of_order": self.out_of_order,
@@ -246,6 +247,7 @@ async def client_process(spec: dict, part: int, out: Path) -> None:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar())
     gate = asyncio.Semaphore(spec["connect_concurrency"])
     stop = asyncio.Event()
+    connect_errors: dict[str, int] = {}
     cpu0 = cpu_seconds()
 
     async def open_socket(sub: Subscriber):
@@ -260,8 +262,10 @@ async def client_process(spec: dict, part: int, out: Path) -> None:
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
                         max_msg_size=0,
                     )
-            except (TimeoutError, aiohttp.ClientError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 sub.failed_connects += 1
+                reason = f"HTTP {exc.status}" if isinstance(exc, aiohttp.WSServerHandshakeError) else type(exc).__name__
+                connect_errors[reason] = connect_errors.get(reason, 0) + 1
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise RuntimeError(f"subscriber {sub.index} could not connect")
 
@@ -331,6 +335,7 @@ async def client_process(spec: dict, part: int, out: Path) -> None:
                 "subscribers": [sub.report() for sub in subs],
                 "latencies": latencies,
                 "outsiders": outsiders,
+                "connect_errors": connect_errors,
                 "drained": drained,
                 "catch_up": caught_up - end_signal,
                 "cpu": cpu_seconds() - cpu0,
@@ -482,7 +487,8 @@ def count_log(path: Path) -> dict:
         "over_capacity_channels": sum(dropped),
         "push_failed": text.count("Pushing events of task"),
         "tracebacks": text.count("Traceback"),
-        "errors": len(re.findall(r"\bERROR\b|Exception", text)),
+        "too_many_connections": text.count("MaxConnectionsError"),
+        "killed": text.count("took too long to shut down and was killed"),
     }
 
 
@@ -639,6 +645,11 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
     catch_up = max(r["catch_up"] for r in results)
     drained = all(r["drained"] for r in results)
 
+    connect_errors: dict[str, int] = {}
+    for result in results:
+        for reason, count in result["connect_errors"].items():
+            connect_errors[reason] = connect_errors.get(reason, 0) + count
+
     def total(rows: list[dict], key: str) -> int:
         return sum(row[key] for row in rows)
 
@@ -679,7 +690,7 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
         ),
         (
             "unplanned closes / failed connects",
-            f"{total(subs, 'unplanned_closes')} / {total(subs, 'failed_connects')}",
+            f"{total(subs, 'unplanned_closes')} / {total(subs, 'failed_connects')} {connect_errors or ''}",
         ),
         (
             "outsiders refused/accepted",
@@ -688,7 +699,12 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
         (
             "group_send over capacity",
             f"{log_total['over_capacity_sends']} sends, {log_total['over_capacity_channels']} inboxes skipped "
-            f"(push failures {log_total['push_failed']}, tracebacks {log_total['tracebacks']})",
+            f"(push failures {log_total['push_failed']})",
+        ),
+        (
+            "server log",
+            f"{log_total['tracebacks']} tracebacks, {log_total['too_many_connections']} redis MaxConnectionsError, "
+            f"{log_total['killed']} consumers killed after not stopping within 10 s of a disconnect",
         ),
         (
             "CPU s: servers/producers/clients",
@@ -705,7 +721,8 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
     for sub in worst[:5]:
         print(
             f"    socket {sub['index']} (task {sub['task']}): lost {sub['lost']}, duplicated {sub['duplicated']}, "
-            f"received {sub['received']}, connects {sub['connects']}"
+            f"received {sub['received']}, connects {sub['connects']}, task's last seq {targets[sub['task']]}, "
+            f"missing {sub['missing']}"
         )
     failed = lost or duplicated or beyond or outsiders["accepted"] or outsiders["events"]
     print(

@@ -477,7 +477,7 @@ def _route(tenant: Tenant, tz, own: list[_Metered]) -> dict[int, tuple[date, Dec
                 if metered.sequence in own_sequences:
                     placed[metered.sequence] = (month, gpu)
                 if metered.resource.startswith("gpu:"):
-                    pass
+                    gpu += metered.quantity
         month = _next_month(month)
     return placed
 
