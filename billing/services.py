@@ -89,7 +89,7 @@ COPY_THRESHOLD = 500  # appends at least this big use COPY on PostgreSQL
 
 
 class InsufficientFunds(ValidationError):
-    pass
+    """A charge the wallet (cash, package credit and credit limit) cannot cover."""
 
 
 # --- The usage log -------------------------------------------------------------------------------
