@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from provisioning.models import Node, Placement, Plan, Profile
+from provisioning.models import Node, Placement, Plan, Pool, Profile
 
 # Memory the launcher pod needs besides hugepage-backed guest memory (QEMU, virt-launcher).
 HUGEPAGE_VM_OVERHEAD_GIB = 2
@@ -62,8 +62,8 @@ class NodeFree:
     def fits(self, demand: Demand) -> int:
         """How many VMs of this demand fit on the node now (0 when it is not a candidate)."""
         node = self.node
-        if not node.schedulable:
-            return 0
+        if not node.schedulable or node.pool == Pool.EDGE:
+            return 0  # edge nodes serve inference tasks, not rented VMs
         if demand.gpus and node.gpu_model_id != demand.gpu_model_id:
             return 0
         if (demand.profile == Profile.DATABASE) != node.dedicated:
@@ -155,7 +155,7 @@ def place(*, demand: Demand, holder_type: str, holder_id: str) -> Placement | No
     Call inside a transaction: candidate nodes are locked (in a fixed order) so concurrent
     placements queue here and never both take the last GPUs of a node.
     """
-    candidates = Node.objects.filter(schedulable=True).order_by("pk")
+    candidates = Node.objects.filter(schedulable=True).exclude(pool=Pool.EDGE).order_by("pk")
     if demand.gpus:
         candidates = candidates.filter(gpu_model_id=demand.gpu_model_id)
     candidates = candidates.filter(dedicated=demand.profile == Profile.DATABASE)
