@@ -30,7 +30,12 @@ in 1..last_seq never received), duplicated (received more than once) and out-of-
 the latency from send to receipt over live deliveries (p50/p95/p99/max; replays after a reconnect
 are counted apart), delivered events/s, the producers' achieved rate and lag, the CPU each part
 used and what the server and producer logs said (channels_redis logs "over capacity" when a
-group_send was dropped). It exits 1 when any event was lost or duplicated or an outsider got in.
+group_send was dropped), the deepest server inbox in Redis, and the group memberships left behind
+once every socket closed. It exits 1 when any event was lost or duplicated or an outsider got in.
+
+By default it measures the portal as configured. --sticky puts all sockets of a task on one server;
+--capacity, --redis-max-connections, --db-conn-max-age and --lean-dispatch try other settings (and
+one consumer change) side by side with the same load: see bench/live_settings.py.
 """
 
 import argparse
@@ -84,8 +89,8 @@ def producer(spec: dict, part: int) -> None:
     setup_django()
     from asgiref.sync import sync_to_async
 
+    from hosting import services
     from hosting.models import EventKind, Task
-    from hosting.services import _events
 
     rate, seconds, t0 = spec["rate"], spec["seconds"], spec["t0"]
     per_task = round(rate * seconds)
@@ -96,15 +101,25 @@ def producer(spec: dict, part: int) -> None:
     heap = [(t0 + (i / n_tasks) / rate, i, 1) for i in mine]
     heapq.heapify(heap)
     lock = threading.Lock()
-    lags, calls, errors = [], [], []
+    lags, calls, pushes, errors = [], [], [], []
+    push = services._push
+
+    def timed_push(task_id, events) -> None:  # _events calls it after commit: time the group_send apart
+        started = time.perf_counter()
+        push(task_id, events)
+        pushes.append(time.perf_counter() - started)
+
+    services._push = timed_push
 
     def emit(i: int, k: int, due: float) -> None:
-        kind = EventKind.PROGRESS if k % 50 == 0 else EventKind.LOG
         started = time.perf_counter()
         sent = time.time()
-        data = {"sent": sent, "k": k, "stream": "stdout", "text": f"step {k} loss {1 / k:.6f}"}
+        if k % 50:
+            item = (EventKind.LOG, {"sent": sent, "stream": "stdout", "text": f"step {k} loss {1 / k:.6f}"})
+        else:
+            item = (EventKind.PROGRESS, {"sent": sent, "percent": k * 100 // per_task})
         try:
-            _events(tasks[i], [(kind, data)])
+            services._events(tasks[i], [item])
         except Exception as exc:  # a failed write is an event never kept: count it, carry on
             errors.append(repr(exc))
             return
@@ -163,6 +178,7 @@ def producer(spec: dict, part: int) -> None:
                 "ended": ended,
                 "lags": [round(lag, 6) for lag in lags],
                 "calls": [round(call, 6) for call in calls],
+                "pushes": [round(push, 6) for push in pushes],
                 "cpu": cpu_seconds() - cpu0,
             }
         ),
@@ -185,7 +201,6 @@ class Subscriber:
         self.received = 0
         self.last = 0  # the highest seq seen: what ?after= asks from on a reconnect
         self.out_of_order = 0
-        self.beyond = 0
         self.latencies: list[float] = []
         self.replayed = 0
         self.connects = 0
@@ -264,7 +279,10 @@ async def client_process(spec: dict, part: int, out: Path) -> None:
                     )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 sub.failed_connects += 1
-                reason = f"HTTP {exc.status}" if isinstance(exc, aiohttp.WSServerHandshakeError) else type(exc).__name__
+                if isinstance(exc, aiohttp.WSServerHandshakeError):
+                    reason = f"HTTP {exc.status}"
+                else:
+                    reason = f"{type(exc).__name__}: {str(exc)[:60]}"
                 connect_errors[reason] = connect_errors.get(reason, 0) + 1
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise RuntimeError(f"subscriber {sub.index} could not connect")
@@ -428,14 +446,15 @@ def seed(args, ports: list[int]) -> dict:
         session.create()
         return f"{settings.SESSION_COOKIE_NAME}={session.session_key}"
 
-    def where(task_id) -> tuple[str, str]:
-        port = rng.choice(ports)
+    def where(i: int) -> tuple[str, str]:
+        port = ports[i % len(ports)] if args.sticky else rng.choice(ports)
+        task_id = tasks[i % args.tasks].pk
         return f"ws://127.0.0.1:{port}/ws/tasks/{task_id}/", f"http://127.0.0.1:{port}"
 
     reconnecting = set(rng.sample(range(args.clients), round(args.reconnect * args.clients)))
     subscribers = []
     for i, user in enumerate(users):
-        url, origin = where(tasks[i % args.tasks].pk)
+        url, origin = where(i)
         row = {"index": i, "task": i % args.tasks, "url": url, "origin": origin, "cookie": cookie(user)}
         if i in reconnecting:  # away for a moment somewhere in the middle of the run
             row["reconnect"] = (rng.uniform(0.2, 0.6) * args.seconds, rng.uniform(0.5, 2.0))
@@ -447,7 +466,7 @@ def seed(args, ports: list[int]) -> dict:
         for j in range(args.outsiders):
             user = User.objects.create_user(email=f"outsider{j}@bench.local")
             Membership.objects.create(tenant=other, user=user, role=Role.ADMIN)
-            url, origin = where(tasks[j % args.tasks].pk)
+            url, origin = where(j)
             outsiders.append({"url": url, "origin": origin, "cookie": cookie(user)})
     return {
         "tasks": [str(task.pk) for task in tasks],
@@ -492,6 +511,18 @@ def count_log(path: Path) -> dict:
     }
 
 
+def layer_config(settings) -> str:
+    config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    host = config["hosts"][0]
+    return (
+        f"capacity {config.get('capacity', 100)}, expiry {config.get('expiry', 60)} s, "
+        f"group_expiry {config.get('group_expiry', 86400)} s, socket_timeout {host.get('socket_timeout')}, "
+        f"max_connections {host.get('max_connections', 'redis-py default (100)')}, "
+        f"DB_CONN_MAX_AGE {settings.DATABASES['default']['CONN_MAX_AGE']}"
+        + ("; what-if: lean task.events dispatch" if os.environ.get("BENCH_LIVE_LEAN_DISPATCH") else "")
+    )
+
+
 def orchestrate(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-live-"))
     prefix = f"bench-live-{uuid.uuid4().hex[:8]}"
@@ -501,6 +532,14 @@ def orchestrate(args) -> int:
     os.environ["BENCH_LIVE_CHANNEL_PREFIX"] = prefix
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("LOG_LEVEL", "INFO")  # channels_redis says "over capacity" at INFO
+    if args.capacity:
+        os.environ["BENCH_LIVE_CAPACITY"] = str(args.capacity)
+    if args.redis_max_connections:
+        os.environ["BENCH_LIVE_REDIS_MAX_CONNECTIONS"] = str(args.redis_max_connections)
+    if args.lean_dispatch:
+        os.environ["BENCH_LIVE_LEAN_DISPATCH"] = "1"
+    if args.db_conn_max_age is not None:
+        os.environ["DB_CONN_MAX_AGE"] = str(args.db_conn_max_age)
     setup_django()
     from django.conf import settings
 
@@ -516,9 +555,11 @@ def orchestrate(args) -> int:
         flush=True,
     )
     print(
-        f"  {args.servers} daphne, {args.client_procs} client, {args.producers} producer processes "
-        f"({args.producer_threads} threads each, push from {args.push_mode}); {os.cpu_count()} CPUs; "
-        f"database {settings.DATABASES['default']['NAME']}, Redis {os.environ['REDIS_URL']} prefix {prefix}",
+        f"  {args.servers} daphne ({'sockets of a task on one' if args.sticky else 'each socket on a random one'}), "
+        f"{args.client_procs} client, {args.producers} producer processes ({args.producer_threads} threads each, "
+        f"push from {args.push_mode}); {os.cpu_count()} CPUs\n"
+        f"  database {settings.DATABASES['default']['NAME']}, Redis {os.environ['REDIS_URL']} prefix {prefix}\n"
+        f"  channel layer {layer_config(settings)}",
         flush=True,
     )
     started = time.time()
@@ -575,6 +616,7 @@ def orchestrate(args) -> int:
         producer_logs = [work / f"producer-{p}.log" for p in range(args.producers)]
         busy0 = machine_busy()
         server_cpu0 = [proc_cpu(proc.pid) for proc in servers]
+        inboxes = InboxWatch(prefix)
         producers = [
             spawn(
                 [*me, "--role", "producer", "--spec", str(spec_path), "--part", str(p)],
@@ -593,6 +635,8 @@ def orchestrate(args) -> int:
             if proc.returncode:
                 sys.exit(f"a producer failed (exit {proc.returncode}); see {producer_logs}")
             produced.append(json.loads(out.strip().splitlines()[-1]))
+        busy1 = machine_busy()  # the machine while the producers ran
+        server_cpu = [proc_cpu(proc.pid) - c for proc, c in zip(servers, server_cpu0, strict=True)]
         from hosting.models import Task
 
         last_seq = dict(Task.objects.values_list("pk", "last_seq"))
@@ -607,8 +651,8 @@ def orchestrate(args) -> int:
             if proc.returncode:
                 sys.exit(f"client process {p} failed (exit {proc.returncode})")
             results.append(json.loads((work / f"client-{p}.json").read_text()))
-        busy1 = machine_busy()
-        server_cpu = [proc_cpu(proc.pid) - c for proc, c in zip(servers, server_cpu0, strict=True)]
+        inboxes.stop()
+        stale = stale_members(prefix, spec["tasks"], args.stale_wait)
     finally:
         for proc in reversed(children):
             if proc.poll() is None:
@@ -619,10 +663,73 @@ def orchestrate(args) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    return summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, server_logs, producer_logs)
+        forget(prefix)
+    inbox = inboxes.describe(settings.CHANNEL_LAYERS["default"]["CONFIG"].get("capacity", 100))
+    return summarise(
+        args, spec, targets, produced, results, server_cpu, busy0, busy1, server_logs, producer_logs, stale, inbox
+    )
 
 
-def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, server_logs, producer_logs) -> int:
+class InboxWatch(threading.Thread):
+    """Samples, twice a second, how many messages wait in each server process's channel-layer inbox."""
+
+    def __init__(self, prefix: str):
+        super().__init__(daemon=True)
+        import redis
+
+        self.client = redis.Redis.from_url(os.environ["REDIS_URL"])
+        self.pattern = f"{prefix}specific.*!"
+        self.started = time.time()
+        self.deepest = 0
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, deepest inbox then)
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            depths = [self.client.zcard(key) for key in self.client.scan_iter(match=self.pattern, count=1000)]
+            self.samples.append((time.time() - self.started, max(depths, default=0)))
+            self.deepest = max(self.deepest, *depths, 0)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.client.close()
+
+    def describe(self, capacity: int) -> str:
+        full = [at for at, depth in self.samples if depth >= capacity]
+        when = f"; at capacity ({capacity}) first {full[0]:.1f} s in, {len(full) / 2:.1f} s in all" if full else ""
+        return f"deepest {self.deepest} messages{when}"
+
+
+def stale_members(prefix: str, tasks: list[str], wait: float) -> tuple[int, float]:
+    """Group members still in Redis once every socket is closed (each consumer's disconnect discards its own)."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    started = time.time()
+    while True:
+        left = sum(client.zcard(f"{prefix}:group:task.{task}") for task in tasks)
+        if not left or time.time() - started >= wait:
+            client.close()
+            return left, time.time() - started
+        time.sleep(0.5)
+
+
+def forget(prefix: str) -> None:
+    """Delete whatever the run left under its channel-layer prefix."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+    client.close()
+
+
+def summarise(
+    args, spec, targets, produced, results, server_cpu, busy0, busy1, server_logs, producer_logs, stale, inbox
+) -> int:
     t0 = spec["t0"]
     subs = [sub for result in results for sub in result["subscribers"]]
     latencies = [lat for result in results for lat in result["latencies"]]
@@ -668,6 +775,7 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
         ),
         ("producer lag p50/p99/max", spread([lag for p in produced for lag in p["lags"]])),
         ("_events call p50/p99/max", spread([call for p in produced for call in p["calls"]])),
+        ("  of which _push p50/p99/max", spread([push for p in produced for push in p["pushes"]])),
         ("producer write errors", str(sum(p["error_count"] for p in produced))),
         ("deliveries expected", str(expected)),
         ("deliveries received", f"{delivered} ({len(latencies)} live, {sum(s['replayed'] for s in subs)} replayed)"),
@@ -696,20 +804,22 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
             "outsiders refused/accepted",
             f"{outsiders['refused']} / {outsiders['accepted']} (events to them: {outsiders['events']})",
         ),
+        ("server inboxes (Redis)", inbox),
         (
             "group_send over capacity",
             f"{log_total['over_capacity_sends']} sends, {log_total['over_capacity_channels']} inboxes skipped "
             f"(push failures {log_total['push_failed']})",
         ),
+        ("group members left after close", f"{stale[0]} (waited {stale[1]:.1f} s after the last socket closed)"),
         (
             "server log",
             f"{log_total['tracebacks']} tracebacks, {log_total['too_many_connections']} redis MaxConnectionsError, "
             f"{log_total['killed']} consumers killed after not stopping within 10 s of a disconnect",
         ),
         (
-            "CPU s: servers/producers/clients",
-            f"{' + '.join(f'{c:.1f}' for c in server_cpu)} / {sum(p['cpu'] for p in produced):.1f} / "
-            f"{sum(r['cpu'] for r in results):.1f}; machine busy {100 * (busy1[0] - busy0[0]) / wall:.0f}% of "
+            "CPU s, emitting: servers / producers",
+            f"{' + '.join(f'{c:.1f}' for c in server_cpu)} / {sum(p['cpu'] for p in produced):.1f} (clients, whole "
+            f"run: {sum(r['cpu'] for r in results):.1f}); machine busy {100 * (busy1[0] - busy0[0]) / wall:.0f}% of "
             f"{os.cpu_count()} CPUs over {wall / os.cpu_count():.1f} s",
         ),
     ]
@@ -725,9 +835,10 @@ def summarise(args, spec, targets, produced, results, server_cpu, busy0, busy1, 
             f"missing {sub['missing']}"
         )
     failed = lost or duplicated or beyond or outsiders["accepted"] or outsiders["events"]
-    print(
-        f"\n  {'FAIL' if failed else 'OK'}: every socket {'did not get' if failed else 'got'} every event exactly once"
-    )
+    verdict = "FAIL: not every socket got" if failed else "OK: every socket got"
+    print(f"\n  {verdict} every event exactly once")
+    if stale[0]:
+        print(f"  WARNING: {stale[0]} group memberships outlived their sockets (Redis keeps them for group_expiry)")
     return 1 if failed else 0
 
 
@@ -740,6 +851,9 @@ def main() -> None:
     parser.add_argument("--reconnect", type=float, default=0.05, help="fraction of sockets that reconnect mid-run")
     parser.add_argument("--outsiders", type=int, default=10, help="non-members who try to subscribe")
     parser.add_argument("--servers", type=int, default=2, help="daphne processes")
+    parser.add_argument(
+        "--sticky", action="store_true", help="all sockets of a task on one server (else each picks one at random)"
+    )
     parser.add_argument("--client-procs", type=int, default=2, help="client processes")
     parser.add_argument("--producers", type=int, default=2, help="producer processes")
     parser.add_argument("--producer-threads", type=int, default=8, help="emitting threads per producer process")
@@ -747,6 +861,17 @@ def main() -> None:
     parser.add_argument("--connect-concurrency", type=int, default=32, help="handshakes in flight per client process")
     parser.add_argument("--drain", type=float, default=60.0, help="seconds the clients wait to catch up at the end")
     parser.add_argument("--grace", type=float, default=1.0, help="seconds listened for stragglers once caught up")
+    parser.add_argument("--capacity", type=int, help="try another channels_redis capacity (the portal's: 100)")
+    parser.add_argument(
+        "--redis-max-connections", type=int, help="try another redis-py pool size per process (the portal's: 100)"
+    )
+    parser.add_argument(
+        "--lean-dispatch",
+        action="store_true",
+        help="what-if: task.events skip channels' close_old_connections hop to the sync thread",
+    )
+    parser.add_argument("--db-conn-max-age", type=int, help="DB_CONN_MAX_AGE for every process (the portal's: 0)")
+    parser.add_argument("--stale-wait", type=float, default=15.0, help="seconds to wait for consumers to leave")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--database-url",
