@@ -651,6 +651,7 @@ def orchestrate(args) -> int:
             if proc.returncode:
                 sys.exit(f"client process {p} failed (exit {proc.returncode})")
             results.append(json.loads((work / f"client-{p}.json").read_text()))
+            (work / f"client-{p}.json").unlink()
         inboxes.stop()
         stale = stale_members(prefix, spec["tasks"], args.stale_wait)
     finally:
@@ -665,6 +666,7 @@ def orchestrate(args) -> int:
 
         forget(prefix)
     inbox = inboxes.describe(settings.CHANNEL_LAYERS["default"]["CONFIG"].get("capacity", 100))
+    print(f"  server and producer logs: {work}")
     return summarise(
         args, spec, targets, produced, results, server_cpu, busy0, busy1, server_logs, producer_logs, stale, inbox
     )

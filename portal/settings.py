@@ -127,11 +127,17 @@ REDIS_URL = env("REDIS_URL")
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
     # redis-py 8 reads with a 5 s socket timeout by default, which a consumer's 5 s blocking
-    # receive (BZPOPMIN) reaches when idle: give reads room beyond the blocking time.
+    # receive (BZPOPMIN) reaches when idle: give reads room beyond the blocking time. Its async pool
+    # also fails at once past 100 connections, which lost group_discard calls when many sockets
+    # closed together (bench/live.py); and a server process's shared inbox holds more than the
+    # default 100 messages before group_send drops any.
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "max_connections": 1000}],
+                "capacity": 1000,
+            },
         }
     }
 else:
