@@ -1604,25 +1604,17 @@ def package_purchase(
                 % {"min": offer.min_validity_months, "max": offer.max_validity_months}
             }
         )
-    with transaction.atomic():
-        payment = Payment.objects.create(
-            reference=_payment_reference(),
-            tenant=membership.tenant,
-            kind=PaymentKind.PACKAGE,
-            offer=offer,
-            validity_months=months,
-            amount=offer.price,
-            bonus_amount=offer.bonus,
-            provider=settings.PORTAL_PAYMENT_PROVIDER,
-            created_by=actor,
-        )
-        audit_record(
-            actor=actor,
-            tenant=membership.tenant,
-            action="billing.package_ordered",
-            target=payment,
-            after={"package": offer.code, "amount": str(offer.price), "validity_months": months},
-        )
+    payment = _payment_order(
+        membership=membership,
+        actor=actor,
+        action="billing.package_ordered",
+        after={"package": offer.code, "amount": str(offer.price), "validity_months": months},
+        kind=PaymentKind.PACKAGE,
+        offer=offer,
+        validity_months=months,
+        amount=offer.price,
+        bonus_amount=offer.bonus,
+    )
     return _start_checkout(payment, actor, f"{offer.name_en} ({months} months)")
 
 
@@ -1637,23 +1629,29 @@ def top_up_create(*, membership: Membership, actor, amount: Decimal) -> Payment:
                 % {"min": settings.PORTAL_TOP_UP_MIN, "max": settings.PORTAL_TOP_UP_MAX}
             }
         )
-    with transaction.atomic():
-        payment = Payment.objects.create(
-            reference=_payment_reference(),
-            tenant=membership.tenant,
-            kind=PaymentKind.TOP_UP,
-            amount=amount,
-            provider=settings.PORTAL_PAYMENT_PROVIDER,
-            created_by=actor,
-        )
-        audit_record(
-            actor=actor,
-            tenant=membership.tenant,
-            action="billing.top_up_ordered",
-            target=payment,
-            after={"amount": str(amount)},
-        )
+    payment = _payment_order(
+        membership=membership,
+        actor=actor,
+        action="billing.top_up_ordered",
+        after={"amount": str(amount)},
+        kind=PaymentKind.TOP_UP,
+        amount=amount,
+    )
     return _start_checkout(payment, actor, f"Top-up ¥{amount}")
+
+
+@transaction.atomic
+def _payment_order(*, membership: Membership, actor, action: str, after: dict, **fields) -> Payment:
+    """A new payment through the configured provider, audited in the same transaction."""
+    payment = Payment.objects.create(
+        reference=_payment_reference(),
+        tenant=membership.tenant,
+        provider=settings.PORTAL_PAYMENT_PROVIDER,
+        created_by=actor,
+        **fields,
+    )
+    audit_record(actor=actor, tenant=membership.tenant, action=action, target=payment, after=after)
+    return payment
 
 
 def payment_fulfil(*, payment_id, provider_event_id: str, actor=None) -> Payment:

@@ -1,5 +1,7 @@
 import factory
 from allauth.account.models import EmailAddress
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tenants import services
 from tenants.models import Membership, Role, Tenant, User
@@ -27,3 +29,9 @@ def make_tenant(*, owner: User | None = None, name: str = "Acme AI") -> Tenant:
 
 def add_member(tenant: Tenant, role: str = Role.MEMBER, user: User | None = None) -> Membership:
     return Membership.objects.create(tenant=tenant, user=user or UserFactory(), role=role)
+
+
+def new_public_key() -> str:
+    """A fresh ed25519 public key line, as a customer would paste it."""
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()

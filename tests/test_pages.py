@@ -4,14 +4,12 @@ import time
 
 import pytest
 from allauth.mfa.totp.internal.auth import TOTP, format_hotp_value, generate_totp_secret, hotp_value
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tenants import services
 from tenants.models import ApiToken, AuditEvent, Invitation, Membership, Role, SshKey
-from tests.factories import UserFactory, add_member, make_tenant
+from tests.factories import UserFactory, add_member, make_tenant, new_public_key
 
 pytestmark = pytest.mark.django_db
 
@@ -28,11 +26,6 @@ PAGES = [
     "/settings/tokens/",
     "/settings/audit/",
 ]
-
-
-def public_key() -> str:
-    key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 @pytest.mark.parametrize("url", PAGES)
@@ -67,7 +60,7 @@ class TestForms:
 
     def test_good_ssh_key_is_saved(self, client, user, tenant):
         client.force_login(user)
-        response = client.post("/settings/ssh-keys/", {"name": "laptop", "public_key": public_key()})
+        response = client.post("/settings/ssh-keys/", {"name": "laptop", "public_key": new_public_key()})
         assert response.status_code == 302
         assert SshKey.objects.get().tenant == tenant
 
@@ -102,7 +95,7 @@ class TestIsolationAndRoles:
         membership = tenant.memberships.get()
         return {
             "member": add_member(tenant, Role.MEMBER),
-            "key": services.ssh_key_add(membership=membership, actor=owner, name="k", public_key=public_key()),
+            "key": services.ssh_key_add(membership=membership, actor=owner, name="k", public_key=new_public_key()),
             "token": services.api_token_create(membership=membership, actor=owner, name="t").token,
             "invitation": services.invitation_create(
                 membership=membership, actor=owner, email="z@example.com", role=Role.MEMBER

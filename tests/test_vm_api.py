@@ -5,8 +5,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -15,14 +13,9 @@ from provisioning import secrets, services
 from provisioning.models import LifecycleEvent, LocalClusterVm, Node, Plan, PlanPrice, VirtualMachine, VmState
 from tenants import services as tenant_services
 from tenants.models import AuditEvent, GpuQuota, QuotaReservation, Role, TenantQuota
-from tests.factories import UserFactory, add_member, make_tenant
+from tests.factories import UserFactory, add_member, make_tenant, new_public_key
 
 pytestmark = pytest.mark.django_db
-
-
-def public_key() -> str:
-    key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +28,9 @@ def cluster(settings, db):
 
 @pytest.fixture
 def key(owner_membership, user):
-    return tenant_services.ssh_key_add(membership=owner_membership, actor=user, name="laptop", public_key=public_key())
+    return tenant_services.ssh_key_add(
+        membership=owner_membership, actor=user, name="laptop", public_key=new_public_key()
+    )
 
 
 @pytest.fixture
@@ -209,7 +204,7 @@ class TestBadInput:
         owner = UserFactory()
         rival = make_tenant(owner=owner, name="Rival")
         return tenant_services.ssh_key_add(
-            membership=rival.memberships.get(), actor=owner, name="theirs", public_key=public_key()
+            membership=rival.memberships.get(), actor=owner, name="theirs", public_key=new_public_key()
         )
 
     @pytest.mark.parametrize(
@@ -380,7 +375,7 @@ class TestIsolation:
         owner = UserFactory()
         rival = make_tenant(owner=owner, name="Rival")
         membership = rival.memberships.get()
-        key = tenant_services.ssh_key_add(membership=membership, actor=owner, name="k", public_key=public_key())
+        key = tenant_services.ssh_key_add(membership=membership, actor=owner, name="k", public_key=new_public_key())
         with django_capture_on_commit_callbacks(execute=True):
             vm = services.vm_order(
                 membership=membership,
