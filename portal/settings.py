@@ -69,6 +69,8 @@ INSTALLED_APPS = [
     "provisioning",
     "hosting",
     "billing",
+    "crm",
+    "notifications",
     "portal.apps.PortalConfig",
 ]
 
