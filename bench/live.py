@@ -34,8 +34,8 @@ group_send was dropped), the deepest server inbox in Redis, and the group member
 once every socket closed. It exits 1 when any event was lost or duplicated or an outsider got in.
 
 By default it measures the portal as configured. --sticky puts all sockets of a task on one server;
---capacity, --redis-max-connections, --db-conn-max-age and --lean-dispatch try other settings (and
-one consumer change) side by side with the same load: see bench/live_settings.py.
+--capacity, --redis-max-connections and --db-conn-max-age try other settings side by side with the
+same load: see bench/live_settings.py.
 """
 
 import argparse
@@ -519,7 +519,6 @@ def layer_config(settings) -> str:
         f"group_expiry {config.get('group_expiry', 86400)} s, socket_timeout {host.get('socket_timeout')}, "
         f"max_connections {host.get('max_connections', 'redis-py default (100)')}, "
         f"DB_CONN_MAX_AGE {settings.DATABASES['default']['CONN_MAX_AGE']}"
-        + ("; what-if: lean task.events dispatch" if os.environ.get("BENCH_LIVE_LEAN_DISPATCH") else "")
     )
 
 
@@ -536,8 +535,6 @@ def orchestrate(args) -> int:
         os.environ["BENCH_LIVE_CAPACITY"] = str(args.capacity)
     if args.redis_max_connections:
         os.environ["BENCH_LIVE_REDIS_MAX_CONNECTIONS"] = str(args.redis_max_connections)
-    if args.lean_dispatch:
-        os.environ["BENCH_LIVE_LEAN_DISPATCH"] = "1"
     if args.db_conn_max_age is not None:
         os.environ["DB_CONN_MAX_AGE"] = str(args.db_conn_max_age)
     setup_django()
@@ -863,14 +860,9 @@ def main() -> None:
     parser.add_argument("--connect-concurrency", type=int, default=32, help="handshakes in flight per client process")
     parser.add_argument("--drain", type=float, default=60.0, help="seconds the clients wait to catch up at the end")
     parser.add_argument("--grace", type=float, default=1.0, help="seconds listened for stragglers once caught up")
-    parser.add_argument("--capacity", type=int, help="try another channels_redis capacity (the portal's: 100)")
+    parser.add_argument("--capacity", type=int, help="try another channels_redis capacity (the portal's: 1000)")
     parser.add_argument(
-        "--redis-max-connections", type=int, help="try another redis-py pool size per process (the portal's: 100)"
-    )
-    parser.add_argument(
-        "--lean-dispatch",
-        action="store_true",
-        help="what-if: task.events skip channels' close_old_connections hop to the sync thread",
+        "--redis-max-connections", type=int, help="try another redis-py pool size per process (the portal's: 1000)"
     )
     parser.add_argument("--db-conn-max-age", type=int, help="DB_CONN_MAX_AGE for every process (the portal's: 0)")
     parser.add_argument("--stale-wait", type=float, default=15.0, help="seconds to wait for consumers to leave")

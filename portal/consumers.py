@@ -1,5 +1,8 @@
+import asyncio
+
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from portal.events import dashboard_group
 from tenants.middleware import ACTIVE_TENANT_SESSION_KEY
@@ -18,8 +21,28 @@ def _active_tenant_id(user, session) -> int | None:
     return membership.tenant_id if membership else None
 
 
-class DashboardConsumer(AsyncJsonWebsocketConsumer):
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """Forwards channel-layer messages without channels' per-message hop to a sync thread.
+
+    AsyncConsumer.dispatch runs close_old_connections in the sync thread pool before every handler,
+    so that handlers touching the ORM don't use stale connections. Our forwarding handlers reach the
+    database only through database_sync_to_async, which does that itself; the hop per message would
+    otherwise cost a thread switch for every event of every subscriber (thousands a second).
+    """
+
+    forwarded_types = frozenset()
+
+    async def dispatch(self, message):
+        if message.get("type") in self.forwarded_types:
+            await getattr(self, message["type"].replace(".", "_"))(message)
+            return
+        await super().dispatch(message)
+
+
+class DashboardConsumer(LiveConsumer):
     """/ws/dashboard/: live status of the active tenant's resources. Members only."""
+
+    forwarded_types = frozenset({"dashboard.event"})
 
     async def connect(self):
         self.tenant_id = await _active_tenant_id(self.scope["user"], self.scope.get("session"))
@@ -64,12 +87,29 @@ def _events_after(task_id, after: int) -> list[dict]:
     ]
 
 
-class TaskConsumer(AsyncJsonWebsocketConsumer):
+@database_sync_to_async
+def _task_progress(task_id) -> tuple[int, bool]:
+    """(last kept sequence number, whether the task has ended)."""
+    from hosting.models import FINISHED_TASK_STATES, Task
+
+    last_seq, state = Task.objects.filter(pk=task_id).values_list("last_seq", "state").get()
+    return last_seq, state in FINISHED_TASK_STATES
+
+
+class TaskConsumer(LiveConsumer):
     """/ws/tasks/{id}/?after=SEQ: the task's events, every one once, in order.
 
     Joins the live group first, then replays what is kept after `after`, then forwards live events,
     dropping any it already sent: a reconnecting browser misses nothing and sees nothing twice.
+
+    The channel layer may drop a message (channels_redis does when a server's inbox is full). A
+    dropped event in the middle shows as a gap when the next one arrives and is refilled from what is
+    kept. A dropped *last* event has no successor, so while the socket is quiet the consumer asks the
+    database, with backoff, whether the task kept more than it sent; it stops asking once the task has
+    ended and everything was sent.
     """
+
+    forwarded_types = frozenset({"task.events"})
 
     async def connect(self):
         from urllib.parse import parse_qs
@@ -84,28 +124,60 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
             self.last_sent = max(int(query.get("after", ["0"])[0]), 0)
         except ValueError:
             self.last_sent = 0
+        self.task_id = task.pk
+        self.sending = asyncio.Lock()
+        self.last_activity = asyncio.get_running_loop().time()
         self.group = f"task.{task.pk}"
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        while True:  # replay in pages until caught up with what is kept
-            backlog = await _events_after(task.pk, self.last_sent)
-            if not backlog:
-                break
-            await self._send_events(backlog)
+        await self._catch_up()
+        self.resync = asyncio.create_task(self._resync_while_quiet())
 
     async def disconnect(self, code):
+        resync = getattr(self, "resync", None)
+        if resync is not None:
+            resync.cancel()
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def task_events(self, message):
-        await self._send_events(message["events"])
+        async with self.sending:
+            self.last_activity = asyncio.get_running_loop().time()
+            fresh = [e for e in message["events"] if e["seq"] > self.last_sent]
+            if not fresh:
+                return
+            if fresh[0]["seq"] != self.last_sent + 1:  # a gap: fetch the missing ones from what is kept
+                fresh = await _events_after(self.task_id, self.last_sent)
+            await self._send(fresh)
 
-    async def _send_events(self, events):
-        fresh = [e for e in events if e["seq"] > self.last_sent]
-        if not fresh:
-            return
-        if fresh[0]["seq"] != self.last_sent + 1:  # a gap: fetch the missing ones from what is kept
-            fresh = await _events_after(self.group.split(".", 1)[1], self.last_sent)
-        for event in fresh:
+    async def _catch_up(self) -> None:
+        async with self.sending:
+            while True:  # in pages until caught up with what is kept
+                backlog = await _events_after(self.task_id, self.last_sent)
+                if not backlog:
+                    return
+                await self._send(backlog)
+
+    async def _send(self, events) -> None:
+        for event in events:
             await self.send_json(event)
-        self.last_sent = fresh[-1]["seq"]
+        if events:
+            self.last_sent = events[-1]["seq"]
+
+    async def _resync_while_quiet(self) -> None:
+        first = settings.PORTAL_TASK_SOCKET_RESYNC_SECONDS
+        delay = first
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(delay)
+            quiet = loop.time() - self.last_activity
+            if quiet < delay:  # events are flowing: any gap is refilled by the next one
+                continue
+            last_seq, ended = await _task_progress(self.task_id)
+            if last_seq > self.last_sent:
+                await self._catch_up()
+                delay = first
+            elif ended:
+                return
+            else:
+                delay = min(delay * 2, settings.PORTAL_TASK_SOCKET_RESYNC_MAX_SECONDS)
