@@ -32,6 +32,7 @@ from billing.models import Payment, PaymentEvent, PaymentStatus
 from billing.providers import get_provider
 from billing.providers.stripe import StripeEvent, WebhookRejected, amount_in_fen
 from billing.services import payment_fulfil
+from portal import metrics
 from tenants.audit import audit_record
 
 log = logging.getLogger("billing.stripe")
@@ -46,6 +47,7 @@ HANDLED = {COMPLETED, ASYNC_SUCCEEDED, ASYNC_FAILED, EXPIRED}
 
 @csrf_exempt
 @require_POST
+@metrics.count_webhook_failures(PROVIDER)
 def stripe_webhook(request):
     try:
         event = get_provider(PROVIDER).parse_webhook(

@@ -1,4 +1,5 @@
 import ipaddress
+import time
 import uuid
 
 from django.conf import settings
@@ -6,9 +7,12 @@ from django.contrib import messages
 from django.http import HttpResponseForbidden
 from django.shortcuts import redirect
 from django.urls import reverse
+from django.utils.log import log_response
 from django.utils.translation import gettext as _
 
+from portal import metrics
 from portal.context import RequestContext, bind, reset
+from portal.logging import LogContext, bind_log_context, reset_log_context
 
 
 def client_ip(request) -> str | None:
@@ -32,22 +36,37 @@ def _request_id(request) -> str:
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (echoed in X-Request-ID) and records its source IP."""
+    """Gives every request an id (echoed in X-Request-ID), records its source IP, puts both in the log
+    context, and times the answer for /metrics by route name (never the raw path: bounded labels)."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
+        started = time.perf_counter()
         request.id = _request_id(request)
         via = (
             "api" if request.path.startswith("/api/") else "console" if request.path.startswith("/console/") else "web"
         )
         token = bind(RequestContext(request_id=request.id, source_ip=client_ip(request), via=via))
+        log_token = bind_log_context(LogContext(request=request))
         try:
             response = self.get_response(request)
+            # Django logs 4xx answers after the last middleware returns, where the request id is gone:
+            # log them here, the way it would (it skips a response already logged).
+            if response.status_code >= 400:
+                log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
         finally:
+            reset_log_context(log_token)
             reset(token)
         response["X-Request-ID"] = request.id
+        match = getattr(request, "resolver_match", None)
+        metrics.observe_request(
+            method=request.method,
+            route=match.view_name if match else None,
+            status=response.status_code,
+            seconds=time.perf_counter() - started,
+        )
         return response
 
 
