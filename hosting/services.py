@@ -20,6 +20,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import F, Sum
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
@@ -745,8 +746,34 @@ def _end(task: Task, outcome: Outcome, *, run: TaskRun | None) -> None:
             failure_reason=outcome.reason or _("Failed."),
             **common,
         )
+    _notify_outcome(task, status)
     storage.publish_results(task)  # S3 storage uploads the output folder once this commits
     _schedule_soon()
+
+
+def _notify_outcome(task: Task, status: str) -> None:
+    """Tell the submitter how the attempt ended (the tenant's owners and admins if they left it).
+    A retry on the way is not news yet; a cancellation was asked for by someone who knows."""
+    from notifications.models import NotificationKind
+    from notifications.services import MANAGER_ROLES, notify, tenant_people
+
+    kinds = {
+        TaskState.SUCCEEDED: NotificationKind.TASK_FINISHED,
+        TaskState.FAILED: NotificationKind.TASK_FAILED,
+        TaskState.TIMED_OUT: NotificationKind.TASK_TIMED_OUT,
+    }
+    kind = NotificationKind.TASK_PREEMPTED if status == "preempted" else kinds.get(task.state)
+    if kind is None:
+        return
+    users = tenant_people(task.tenant, also=[task.created_by]) or tenant_people(task.tenant, roles=MANAGER_ROLES)
+    notify(
+        kind=kind,
+        tenant=task.tenant,
+        users=users,
+        params={"task": task.name, "reason": task.failure_reason},
+        url=reverse("task_detail", args=[task.pk]),
+        dedupe_key=f"task:{task.pk}:{task.attempts}:{kind}",
+    )
 
 
 # --- Cancel, preempt, credit, reap ---------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What each kind of notification says. Rendered in the reader's language at display time."""
 
+from django.utils import translation
 from django.utils.translation import gettext_lazy as _
 
 from notifications.models import NotificationKind as K
@@ -8,11 +9,17 @@ from notifications.models import NotificationKind as K
 MESSAGES = {
     K.LOW_BALANCE: (
         _("Low balance: %(tenant)s"),
-        _("The balance of %(tenant)s is ¥%(balance)s, below the ¥%(threshold)s you asked to be warned at."),
+        _(
+            "The balance of %(tenant)s is ¥%(balance)s, below the ¥%(threshold)s you asked to be warned at. "
+            "Top up or buy a compute package to keep your VMs and tasks running."
+        ),
     ),
     K.CREDIT_EXHAUSTED: (
         _("Credit exhausted: work stopped in %(tenant)s"),
-        _("%(tenant)s has no credit left. Running VMs and tasks were stopped; top up to start them again."),
+        _(
+            "%(tenant)s has no pay-as-you-go credit left. Running on-demand VMs are stopped, and running tasks "
+            "too once package credit is used up. Top up to start them again."
+        ),
     ),
     K.PACKAGE_EXPIRING: (
         _("Compute package expiring: %(package)s"),
@@ -42,7 +49,7 @@ MESSAGES = {
     ),
     K.INVITATION_RECEIVED: (
         _("Invitation to %(tenant)s"),
-        _("%(inviter)s invited you to join %(tenant)s as %(role)s."),
+        _("%(inviter)s invited you to join %(tenant)s as %(role)s. Accept with the link in the invitation email."),
     ),
     K.CREDIT_APPROVAL_REQUESTED: (
         _("Credit of ¥%(amount)s for %(tenant)s needs approval"),
@@ -65,6 +72,25 @@ MESSAGES = {
         _("%(package)s would have saved %(tenant)s ¥%(saving)s over the last 30 days."),
     ),
 }
+
+# What customers hear about; the rest go to staff (the console).
+CUSTOMER_KINDS = [
+    K.LOW_BALANCE,
+    K.CREDIT_EXHAUSTED,
+    K.PACKAGE_EXPIRING,
+    K.VM_IDLE_WARNING,
+    K.TASK_FINISHED,
+    K.TASK_FAILED,
+    K.TASK_TIMED_OUT,
+    K.TASK_PREEMPTED,
+    K.INVOICE_ISSUED,
+    K.TIER_CHANGED,
+    K.INVITATION_RECEIVED,
+]
+STAFF_KINDS = [kind for kind in K.values if kind not in CUSTOMER_KINDS]
+# Never emailed by notify(): the invitation email itself (tenants.services) carries the secret link and
+# always goes, so a preference for it would promise what it cannot keep.
+NOT_EMAILED = {K.INVITATION_RECEIVED}
 
 # Kinds that are emailed unless the user turns them off. The rest are emailed only on request.
 EMAIL_DEFAULTS = {
@@ -99,10 +125,18 @@ def render(kind: str, params: dict) -> tuple[str, str]:
     return str(title) % values, str(body) % values
 
 
+def bilingual(text) -> dict:
+    """{"en": ..., "zh": ...} of a translatable string (a lazy gettext or a choice label), for params
+    whose words must follow the reader's language rather than the sender's."""
+    with translation.override("en"):
+        en = str(text)
+    with translation.override("zh-hans"):
+        zh = str(text)
+    return {"en": en, "zh": zh}
+
+
 def _translate_value(value):
     """Params may carry {"en": ..., "zh": ...} pairs for words that are data (tier names, reasons)."""
     if isinstance(value, dict) and "en" in value:
-        from django.utils.translation import get_language
-
-        return value.get("zh", value["en"]) if (get_language() or "").startswith("zh") else value["en"]
+        return value.get("zh", value["en"]) if (translation.get_language() or "").startswith("zh") else value["en"]
     return value

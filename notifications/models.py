@@ -53,6 +53,23 @@ class Notification(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} → {self.user_id}"
 
+    @property
+    def title(self) -> str:
+        """The title in the active language."""
+        from notifications.messages import render
+
+        return render(self.kind, self.params)[0]
+
+    @property
+    def body(self) -> str:
+        from notifications.messages import render
+
+        return render(self.kind, self.params)[1]
+
+    @property
+    def is_unread(self) -> bool:
+        return self.read_at is None
+
 
 class EmailPreference(models.Model):
     """Whether a kind of notification also reaches the user by email. No row means the default

@@ -14,10 +14,14 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 
+from notifications.models import NotificationKind
+from notifications.services import MANAGER_ROLES, notify, tenant_people
+from portal import metrics
 from portal.events import emit_dashboard_event
 from provisioning import capacity, manifests, secrets
 from provisioning.backends import get_backend
@@ -353,6 +357,7 @@ def _fail(vm: VirtualMachine, reason: str, *, was_running: bool = False) -> None
     ref = vm_ref(vm)
     transaction.on_commit(lambda: _delete_quietly(ref))
     transaction.on_commit(lambda: _notify(vm, _("VM %(name)s failed") % {"name": vm.name}, reason))
+    transaction.on_commit(lambda model=vm.plan.gpu_model: metrics.provisioning_failed(gpu_model=model))
 
 
 def _delete_quietly(ref: VmRef) -> None:
@@ -817,8 +822,13 @@ def _track_idle(vm: VirtualMachine, status: VmStatus) -> None:
         ) % {"name": vm.name, "percent": plan.idle_gpu_percent, "left": left}
         audit_record(actor=None, tenant=vm.tenant, action="vm.idle_warning", target=vm, after={"minutes_left": left})
         emit_dashboard_event(vm.tenant_id, "vm.idle_warning", {"id": str(vm.pk), "name": vm.name, "message": message})
-        transaction.on_commit(
-            lambda: _notify(vm, _("VM %(name)s will be released for idleness") % {"name": vm.name}, message)
+        notify(
+            kind=NotificationKind.VM_IDLE_WARNING,
+            tenant=vm.tenant,
+            users=tenant_people(vm.tenant, roles=MANAGER_ROLES, also=[vm.created_by]),
+            params={"vm": vm.name, "minutes": left},
+            url=reverse("vm_detail", args=[vm.pk]),
+            dedupe_key=f"vm_idle:{vm.pk}:{vm.idle_since.isoformat()}",
         )
 
 

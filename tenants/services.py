@@ -179,7 +179,31 @@ def invitation_create(*, membership: Membership, actor: User, email: str, role: 
     )
     link = reverse("invitation_accept", kwargs={"key": key})
     transaction.on_commit(lambda: _send_invitation_email(invitation.pk, link))
+    _notify_invitee(invitation)
     return invitation, key
+
+
+def _notify_invitee(invitation: Invitation) -> None:
+    """Someone who already has an account also sees the invitation in the portal. The email above
+    carries the secret link, so this one is never emailed (and never holds the link)."""
+    from notifications.messages import bilingual
+    from notifications.models import NotificationKind
+    from notifications.services import notify
+
+    invitee = User.objects.filter(email__iexact=invitation.email, is_active=True).first()
+    if invitee is None:
+        return
+    notify(
+        kind=NotificationKind.INVITATION_RECEIVED,
+        users=[invitee],
+        params={
+            "tenant": invitation.tenant.name,
+            "inviter": str(invitation.invited_by),
+            "role": bilingual(Role(invitation.role).label),
+        },
+        dedupe_key=f"invitation:{invitation.pk}",
+        email=False,
+    )
 
 
 def _send_invitation_email(invitation_id: int, link: str) -> None:

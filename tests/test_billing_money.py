@@ -365,11 +365,26 @@ def test_staff_adjustment_needs_staff_and_a_reason(tenant, staff):
     assert "reason" in error.value.message_dict
     with pytest.raises(PermissionDenied):
         services.wallet_adjust(tenant=tenant, actor=owner_membership_of(tenant).user, amount=Decimal("100"), reason="x")
-    entry = services.wallet_adjust(tenant=tenant, actor=staff, amount=Decimal("-20.50"), reason="Goodwill reversal")
-    assert entry.kind == "adjustment" and entry.reason == "Goodwill reversal" and entry.actor == staff
     refund = services.wallet_adjust(tenant=tenant, actor=staff, amount=Decimal("20.50"), reason="Refund", kind="refund")
     assert refund.kind == "refund"
+    entry = services.wallet_adjust(tenant=tenant, actor=staff, amount=Decimal("-20.50"), reason="Goodwill reversal")
+    assert entry.kind == "adjustment" and entry.reason == "Goodwill reversal" and entry.actor == staff
     assert Wallet.objects.get(tenant=tenant).cash_balance == Decimal("0.00")
+
+
+def test_a_staff_debit_never_overdraws_the_wallet(tenant, staff):
+    top_up(tenant, "100")
+    with pytest.raises(ValidationError) as error:
+        services.wallet_adjust(tenant=tenant, actor=staff, amount=Decimal("-100.01"), reason="Clawback")
+    assert error.value.message_dict["amount"] == [
+        "Taking ¥100.01 would overdraw the wallet: ¥100.00 is available (cash balance plus credit limit). "
+        "Take at most that, or raise the credit limit first."
+    ]
+    assert Wallet.objects.get(tenant=tenant).cash_balance == Decimal("100.00")
+    assert not LedgerEntry.objects.filter(kind="adjustment").exists()
+    services.wallet_set_credit_limit(tenant=tenant, actor=staff, credit_limit=Decimal("50"), reason="Terms")
+    services.wallet_adjust(tenant=tenant, actor=staff, amount=Decimal("-150.00"), reason="Clawback")  # down to -limit
+    assert Wallet.objects.get(tenant=tenant).cash_balance == Decimal("-50.00")
 
 
 def test_payment_is_credited_once_whatever_the_events(tenant):
@@ -533,13 +548,14 @@ def test_low_balance_warns_once_per_crossing(tenant, django_capture_on_commit_ca
     mail.outbox.clear()
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         meter_and_rate(task_run(tenant, start=at(2026, 11, 1, 0), end=at(2026, 11, 1, 12)))  # 600 + 48 + 38.4
-    assert len(mail.outbox) == 1 and "Low balance" in mail.outbox[0].subject
-    assert len(mail.outbox[0].to) == 2  # the owner and the billing member
+    # One email each (through notifications.notify), to the owner and the billing member.
+    assert len(mail.outbox) == 2 and all("Low balance" in m.subject for m in mail.outbox)
+    assert {m.to[0] for m in mail.outbox} == {m.user.email for m in tenant.memberships.select_related("user")}
     assert Wallet.objects.get(tenant=tenant).low_balance_warned_at is not None
     assert callbacks  # the dashboard event is sent after commit
     with django_capture_on_commit_callbacks(execute=True):
         meter_and_rate(task_run(tenant, start=at(2026, 11, 2, 0), end=at(2026, 11, 2, 1)))
-    assert len(mail.outbox) == 1  # still below: no second warning
+    assert len(mail.outbox) == 2  # still below: no second warning
     top_up(tenant, "5000")
     assert Wallet.objects.get(tenant=tenant).low_balance_warned_at is None  # back above: armed again
 
