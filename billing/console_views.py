@@ -1,5 +1,9 @@
 """Staff pages under /console/billing/ (StaffMfaRequiredMiddleware guards them): confirm bank
-transfers, adjust wallets and credit limits, enter one-off charges, publish prices."""
+transfers, adjust wallets and credit limits, enter one-off charges, publish prices.
+
+An adjustment or refund goes through crm's maker-checker (crm.services.credit_propose), like a
+credit from the customer 360 page: above the approval threshold, either way, it waits for a second
+member of finance or admin staff."""
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -13,10 +17,15 @@ from billing.forms import AdjustmentForm, CreditLimitForm, OneOffChargeForm, Pri
 from billing.models import Payment, PaymentStatus
 from billing.providers import get_provider
 from billing.providers.offline import staff_confirmation_event_id
+from crm import console_selectors
+from crm import services as crm_services
+from crm.models import CreditRequestStatus
+from crm.permissions import StaffCapability, console_view
 from tenants.forms import add_service_errors
 from tenants.models import Tenant
 
 
+@console_view(StaffCapability.VIEW_BILLING)
 def billing_console(request):
     pending = Payment.objects.filter(status=PaymentStatus.PENDING).select_related("tenant", "offer", "created_by")
     query = request.GET.get("q", "").strip()
@@ -35,6 +44,7 @@ def billing_console(request):
     )
 
 
+@console_view(StaffCapability.VIEW_BILLING, write=StaffCapability.MANAGE_BILLING)
 @require_POST
 def payment_confirm(request, pk):
     payment = get_object_or_404(Payment, pk=pk)
@@ -52,6 +62,7 @@ def payment_confirm(request, pk):
     return redirect("console_billing")
 
 
+@console_view(StaffCapability.VIEW_BILLING, write=StaffCapability.MANAGE_BILLING)
 @require_POST
 def payment_cancel(request, pk):
     payment = get_object_or_404(Payment, pk=pk)
@@ -64,6 +75,7 @@ def payment_cancel(request, pk):
     return redirect("console_billing")
 
 
+@console_view(StaffCapability.VIEW_CUSTOMERS, write=StaffCapability.MANAGE_BILLING, tenant_kwarg="slug")
 def tenant_wallet(request, slug):
     tenant = get_object_or_404(Tenant, slug=slug)
     forms = {
@@ -82,7 +94,7 @@ def tenant_wallet(request, slug):
                 data = form.cleaned_data
                 try:
                     if which == "adjust":
-                        services.wallet_adjust(tenant=tenant, actor=request.user, **data)
+                        credit = crm_services.credit_propose(tenant=tenant, actor=request.user, **data)
                     elif which == "limit":
                         services.wallet_set_credit_limit(tenant=tenant, actor=request.user, **data)
                     else:
@@ -90,7 +102,23 @@ def tenant_wallet(request, slug):
                 except ValidationError as exc:
                     add_service_errors(form, exc)
                 else:
-                    messages.success(request, _("Saved."))
+                    if which != "adjust":
+                        messages.success(request, _("Saved."))
+                    elif credit.status == CreditRequestStatus.PENDING:
+                        messages.info(
+                            request,
+                            _(
+                                "¥%(amount)s is above ¥%(threshold)s: nothing is posted until another member of "
+                                "finance or admin staff approves it under Credit approvals."
+                            )
+                            % {"amount": credit.amount, "threshold": crm_services.approval_threshold()},
+                        )
+                    else:
+                        messages.success(
+                            request,
+                            _("¥%(amount)s posted to the wallet of %(name)s.")
+                            % {"amount": credit.amount, "name": tenant.name},
+                        )
                     return redirect("console_tenant_wallet", slug=tenant.slug)
     return render(
         request,
@@ -100,11 +128,14 @@ def tenant_wallet(request, slug):
             "summary": selectors.wallet_summary(tenant),
             "ledger": selectors.ledger_of(tenant)[:50],
             "invoices": selectors.invoices_of(tenant)[:12],
+            "pending_credits": console_selectors.credits_pending(request.user).filter(tenant=tenant),
+            "threshold": crm_services.approval_threshold(),
             **{f"{name}_form": form for name, form in forms.items()},
         },
     )
 
 
+@console_view(StaffCapability.VIEW_BILLING, write=StaffCapability.MANAGE_BILLING)
 def price_book(request):
     form = PriceVersionForm(request.POST or None)
     if request.method == "POST" and form.is_valid():

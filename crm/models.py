@@ -97,13 +97,22 @@ class CreditRequestStatus(models.TextChoices):
     REJECTED = "rejected", _("Rejected")
 
 
+class CreditKind(models.TextChoices):
+    """The ledger entry a staff credit becomes (the same values as billing.models.LedgerKind)."""
+
+    ADJUSTMENT = "adjustment", _("Staff adjustment")
+    REFUND = "refund", _("Refund")
+
+
 class CreditAdjustment(models.Model):
-    """A staff credit adjustment. Above settings.PORTAL_CREDIT_APPROVAL_THRESHOLD it waits for a
-    second staff member (maker-checker) and is applied once, when approved."""
+    """A staff credit adjustment or refund (a debit when negative). Above
+    settings.PORTAL_CREDIT_APPROVAL_THRESHOLD, either way, it waits for a second staff member
+    (maker-checker) and is applied once, when approved."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="credit_adjustments")
     amount = models.DecimalField(max_digits=14, decimal_places=2)
+    kind = models.CharField(max_length=16, choices=CreditKind.choices, default=CreditKind.ADJUSTMENT)
     reason = models.TextField()
     status = models.CharField(max_length=16, choices=CreditRequestStatus.choices, default=CreditRequestStatus.PENDING)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")

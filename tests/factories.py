@@ -35,3 +35,13 @@ def new_public_key() -> str:
     """A fresh ed25519 public key line, as a customer would paste it."""
     key = ed25519.Ed25519PrivateKey.generate().public_key()
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def staff_with_role(role: str, **fields) -> User:
+    """A staff member with a console role (crm.models.StaffRole). Staff without a profile only read
+    (settings.PORTAL_STAFF_DEFAULT_ROLE is support): anyone who changes things needs a role."""
+    from crm.models import StaffProfile
+
+    user = UserFactory(is_staff=True, **fields)
+    StaffProfile.objects.create(user=user, role=role)
+    return user

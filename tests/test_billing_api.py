@@ -13,8 +13,9 @@ from django.test import override_settings
 
 from billing import services
 from billing.models import CreditGrant, Invoice, LedgerEntry, PackageOffer, Payment, PaymentStatus, Subscription, Wallet
+from crm.models import StaffRole
 from tenants.models import Role
-from tests.factories import UserFactory, make_tenant
+from tests.factories import UserFactory, make_tenant, staff_with_role
 from tests.test_billing_helpers import at, buy_package, lifecycle, make_vm, meter_and_rate, task_run, top_up
 
 pytestmark = pytest.mark.django_db
@@ -150,7 +151,7 @@ def test_console_needs_staff(client, user):
 @pytest.fixture
 def staff_client(client, settings):
     settings.PORTAL_STAFF_MFA_REQUIRED = False
-    client.force_login(UserFactory(is_staff=True))
+    client.force_login(staff_with_role(StaffRole.FINANCE))  # confirms payments, adjusts wallets, sets prices
     return client
 
 

@@ -7,9 +7,10 @@ from allauth.mfa.totp.internal.auth import TOTP, format_hotp_value, generate_tot
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from crm.models import StaffRole
 from tenants import services
 from tenants.models import ApiToken, AuditEvent, Invitation, Membership, Role, SshKey
-from tests.factories import UserFactory, add_member, make_tenant, new_public_key
+from tests.factories import UserFactory, add_member, make_tenant, new_public_key, staff_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -161,7 +162,7 @@ def test_team_page_query_count_does_not_grow_with_members(client, user, tenant):
 
 class TestConsole:
     def login_staff_with_totp(self, client):
-        staff = UserFactory(is_staff=True, email="am@example.com")
+        staff = staff_with_role(StaffRole.ADMIN, email="am@example.com")  # quotas of any customer
         secret = generate_totp_secret()
         TOTP.activate(staff, secret)
         client.post("/accounts/login/", {"login": "am@example.com", "password": "correct-horse-battery"})

@@ -1,9 +1,11 @@
 """/ws/tasks/{id}/: a subscriber gets every kept event of the task once and in order: the replay after
 `?after=`, live events, gaps refilled from what is kept, and a dropped last event fetched while the
-socket is quiet. Outsiders get nothing."""
+socket is quiet. Outsiders get nothing; staff viewing as the customer watch its tasks while the view-as
+session runs."""
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -11,11 +13,15 @@ from channels.layers import channel_layers
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
+from django.utils import timezone
 
+from crm import services as crm_services
+from crm.middleware import VIEW_AS_SESSION_KEY
+from crm.models import StaffRole, ViewAsSession
 from hosting import services
 from hosting.models import Task, TaskState
 from portal.routing import websocket_urlpatterns
-from tests.factories import UserFactory, make_tenant
+from tests.factories import UserFactory, make_tenant, staff_with_role
 from tests.test_live import redis_layer
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
@@ -52,10 +58,12 @@ async def _keep(task, count, *, push=True):
     await sync_to_async(keep)()
 
 
-async def _subscribe(user, task, after=None):
+async def _subscribe(user, task, after=None, session=None):
     path = f"/ws/tasks/{task.pk}/" + (f"?after={after}" if after is not None else "")
     communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
     communicator.scope["user"] = user
+    if session is not None:
+        communicator.scope["session"] = session
     connected, code = await communicator.connect()
     return communicator, connected, code
 
@@ -64,6 +72,7 @@ async def _receive(communicator, count, timeout=3):
     return [await communicator.receive_json_from(timeout=timeout) for _ in range(count)]
 
 
+@pytest.mark.redis
 async def test_replay_after_a_sequence_then_live_events_once_each_on_the_redis_layer(settings):
     with override_settings(CHANNEL_LAYERS=redis_layer(settings)):
         channel_layers.backends.clear()
@@ -168,3 +177,53 @@ async def test_outsiders_and_anonymous_users_get_not_found_and_members_may_watch
     assert [e["seq"] for e in await _receive(socket, 1)] == [1]
     await socket.disconnect()
     await asyncio.sleep(0)
+
+
+# --- Staff viewing as the customer -----------------------------------------------------------------
+
+
+def _viewing(task):
+    """An admin member of staff with a tenant of their own (and a task there), viewing as `task`'s tenant."""
+    staff = staff_with_role(StaffRole.ADMIN)
+    own_task = _task(staff)
+    session = crm_services.view_as_start(tenant=task.tenant, actor=staff, reason="Ticket #9: the log stops")
+    return staff, own_task, session
+
+
+async def test_staff_viewing_as_the_customer_watch_its_tasks_live_log_and_only_its():
+    owner = await sync_to_async(UserFactory)()
+    task = await sync_to_async(_task)(owner)
+    await _keep(task, 2)
+    staff, own_task, view = await sync_to_async(_viewing)(task)
+    viewing = {VIEW_AS_SESSION_KEY: str(view.pk)}
+
+    _socket, connected, code = await _subscribe(staff, task)  # not a member, not viewing: nothing
+    assert not connected and code == 4404
+
+    socket, connected, _ = await _subscribe(staff, task, session=viewing)
+    assert connected
+    assert [e["seq"] for e in await _receive(socket, 2)] == [1, 2]
+    await _keep(task, 1)
+    assert [e["seq"] for e in await _receive(socket, 1)] == [3]
+    await socket.disconnect()
+
+    _socket, connected, code = await _subscribe(staff, own_task, session=viewing)  # the page is the customer's
+    assert not connected and code == 4404
+
+    await sync_to_async(crm_services.view_as_stop)(session=view, actor=staff)
+    _socket, connected, code = await _subscribe(staff, task, session=viewing)
+    assert not connected and code == 4404
+    own, connected, _ = await _subscribe(staff, own_task)  # a member watching their own task, as before
+    assert connected
+    await own.disconnect()
+
+
+async def test_a_task_socket_of_a_view_as_session_closes_when_it_expires():
+    owner = await sync_to_async(UserFactory)()
+    task = await sync_to_async(_task)(owner)
+    staff, _own_task, view = await sync_to_async(_viewing)(task)
+    soon = timezone.now() + timedelta(seconds=1)
+    await sync_to_async(lambda: ViewAsSession.objects.filter(pk=view.pk).update(expires_at=soon))()
+    socket, connected, _ = await _subscribe(staff, task, session={VIEW_AS_SESSION_KEY: str(view.pk)})
+    assert connected
+    assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 4403}

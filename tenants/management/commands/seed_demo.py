@@ -9,11 +9,14 @@ from allauth.mfa.totp.internal.auth import TOTP
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from crm.models import CustomerAccount, StaffProfile, StaffRole
 from tenants import services
-from tenants.models import Membership, User
+from tenants.models import Membership, Tenant, User
 
 CUSTOMER = ("demo@example.com", "demo-password-123")
 STAFF = ("manager@example.com", "manager-password-123")
+# A second staff login for the console's maker-checker: finance approves credits the manager proposes.
+FINANCE = ("finance@example.com", "finance-password-123")
 # A fixed TOTP secret so the demo staff login can pass MFA: add it to an authenticator app.
 STAFF_TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 
@@ -43,6 +46,16 @@ class Command(BaseCommand):
             services.tenant_create_personal(user=staff)
         if not Authenticator.objects.filter(user=staff, type=Authenticator.Type.TOTP).exists():
             TOTP.activate(staff, STAFF_TOTP_SECRET)
+        StaffProfile.objects.get_or_create(user=staff, defaults={"role": StaffRole.ACCOUNT_MANAGER})
+        for tenant in Tenant.objects.filter(memberships__user=customer, account__isnull=True):
+            CustomerAccount.objects.create(tenant=tenant)
+        CustomerAccount.objects.filter(tenant__memberships__user=customer, account_manager__isnull=True).update(
+            account_manager=staff
+        )
+        finance, _ = _user(*FINANCE, display_name="Demo Finance", is_staff=True)
+        StaffProfile.objects.get_or_create(user=finance, defaults={"role": StaffRole.FINANCE})
+        if not Authenticator.objects.filter(user=finance, type=Authenticator.Type.TOTP).exists():
+            TOTP.activate(finance, STAFF_TOTP_SECRET)
         from provisioning.services import inventory_sync
 
         nodes = inventory_sync()
@@ -52,3 +65,5 @@ class Command(BaseCommand):
         self.stdout.write(f"  staff account manager: {STAFF[0]} / {STAFF[1]}")
         self.stdout.write(f"    TOTP secret for the console (add to an authenticator app): {STAFF_TOTP_SECRET}")
         self.stdout.write("    or print the current code with: python manage.py demo_totp")
+        self.stdout.write(f"  staff finance (approves credits above the threshold): {FINANCE[0]} / {FINANCE[1]}")
+        self.stdout.write("    same TOTP secret as the account manager (python manage.py demo_totp)")
