@@ -182,7 +182,9 @@ def wallet_summary(tenant: Tenant, now: datetime | None = None) -> WalletSummary
         days_left=days_left,
         low_balance_threshold=wallet.low_balance_threshold,
         low_balance=wallet.low_balance_threshold is not None and balance < wallet.low_balance_threshold,
-        credit_exhausted=wallet.cash_balance + wallet.credit_limit <= 0,
+        # Ran out, as billing.services._after_money_moved records it: a new wallet with nothing in it
+        # yet has not run out of anything (and is not told so).
+        credit_exhausted=wallet.credit_exhausted_at is not None and wallet.cash_balance + wallet.credit_limit <= 0,
     )
 
 

@@ -22,7 +22,6 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.mail import send_mail
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Min
 from django.urls import reverse
@@ -76,10 +75,12 @@ from billing.money import (
 from billing.pricing import MissingPrice, PriceBook, split_into_bands
 from billing.providers import get_provider
 from billing.providers.base import CheckoutRequest, PaymentProviderError
+from notifications.models import NotificationKind
+from notifications.services import BILLING_ROLES, notify
 from portal.events import emit_dashboard_event
 from provisioning.models import BillingMode, LifecycleEvent, LifecycleKind, ScaleUp, VirtualMachine, VmState
 from tenants.audit import audit_record
-from tenants.models import Membership, Role, Tenant
+from tenants.models import Membership, Tenant
 from tenants.roles import Capability
 from tenants.services import require
 
@@ -557,7 +558,9 @@ def usage_meter_scale_ups(*, vm_id=None, now: datetime | None = None) -> int:
 def _locked_wallet(tenant_id: int) -> Wallet:
     """The tenant's wallet row, locked until the transaction ends (created on first use)."""
     Wallet.objects.get_or_create(tenant_id=tenant_id)
-    return Wallet.objects.select_for_update(of=("self",)).select_related("tenant__tier").get(tenant_id=tenant_id)
+    wallet = Wallet.objects.select_for_update(of=("self",)).select_related("tenant__tier").get(tenant_id=tenant_id)
+    wallet.available_at_lock = _cash_available(wallet)  # _after_money_moved tells a crossing from this
+    return wallet
 
 
 def _spendable_grants(tenant_id: int, now: datetime) -> list[CreditGrant]:
@@ -655,9 +658,13 @@ def _after_money_moved(wallet: Wallet) -> None:
     packages = _package_total(wallet.tenant_id, now)
     cash_out = _cash_available(wallet) <= 0
     all_out = cash_out and packages <= 0
+    # Running out means pay-as-you-go credit went down to nothing here. A wallet that never had any (its
+    # first purchase a compute package, a task paid from that package) has not run out of anything.
+    before = getattr(wallet, "available_at_lock", None)
+    ran_out = before is None or before > 0 or _cash_available(wallet) < before
     changed = []
     if cash_out:
-        if wallet.credit_exhausted_at is None:
+        if wallet.credit_exhausted_at is None and ran_out:
             wallet.credit_exhausted_at = now
             changed.append("credit_exhausted_at")
             audit_record(
@@ -667,6 +674,14 @@ def _after_money_moved(wallet: Wallet) -> None:
                 target=wallet,
                 after={"cash_balance": str(wallet.cash_balance), "credit_limit": str(wallet.credit_limit)},
             )
+            if settings.PORTAL_BILLING_ENFORCE:  # once per exhaustion: the flag above is set until credit returns
+                notify(
+                    kind=NotificationKind.CREDIT_EXHAUSTED,
+                    tenant=wallet.tenant,
+                    roles=BILLING_ROLES,
+                    params={"cash_balance": str(wallet.cash_balance)},
+                    url=reverse("billing"),
+                )
         if settings.PORTAL_BILLING_ENFORCE:
             tenant_id = wallet.tenant_id
             transaction.on_commit(lambda: credit_enforce(tenant_id=tenant_id, stop_tasks=all_out))
@@ -686,35 +701,16 @@ def _after_money_moved(wallet: Wallet) -> None:
         wallet.save(update_fields=[*changed, "updated_at"])
 
 
-def _billing_contacts(tenant_id: int) -> list[str]:
-    return list(
-        Membership.objects.filter(tenant_id=tenant_id, role__in=[Role.OWNER, Role.BILLING]).values_list(
-            "user__email", flat=True
-        )
-    )
-
-
 def _warn_low_balance(wallet: Wallet, balance: Decimal) -> None:
+    """Tell the tenant's billing people (in the portal, and by email unless they turned it off)."""
     payload = {"balance": str(balance), "threshold": str(wallet.low_balance_threshold)}
     emit_dashboard_event(wallet.tenant_id, "billing.low_balance", payload)
-    tenant_name = wallet.tenant.name
-    recipients = _billing_contacts(wallet.tenant_id)
-    message = _(
-        "The balance of %(tenant)s is ¥%(balance)s, below the ¥%(threshold)s you asked to be warned at. "
-        "Top up or buy a compute package to keep your VMs and tasks running: %(url)s"
-    ) % {
-        "tenant": tenant_name,
-        "balance": balance,
-        "threshold": wallet.low_balance_threshold,
-        "url": settings.PORTAL_BASE_URL.rstrip("/") + reverse("billing"),
-    }
-    subject = "[GPU Portal] " + _("Low balance: %(tenant)s") % {"tenant": tenant_name}
-    transaction.on_commit(
-        lambda: (
-            send_mail(subject=subject, message=message, from_email=None, recipient_list=recipients)
-            if recipients
-            else None
-        )
+    notify(
+        kind=NotificationKind.LOW_BALANCE,
+        tenant=wallet.tenant,
+        roles=BILLING_ROLES,
+        params=payload,
+        url=reverse("billing"),
     )
 
 
@@ -1175,7 +1171,9 @@ def wallet_charge(
 def wallet_adjust(
     *, tenant: Tenant, actor, amount: Decimal, reason: str, kind: str = LedgerKind.ADJUSTMENT
 ) -> LedgerEntry:
-    """A staff adjustment or refund of cash, with the reason recorded."""
+    """A staff adjustment or refund of cash, with the reason recorded. A debit may use the cash
+    available (balance plus credit limit) down to nothing, never beyond: it is refused, with nothing
+    written, when it would overdraw the wallet."""
     _require_staff(actor)
     amount = to_fen(Decimal(amount))
     reason = (reason or "").strip()
@@ -1192,6 +1190,16 @@ def wallet_adjust(
         raise ValidationError(errors)
     with transaction.atomic():
         wallet = _locked_wallet(tenant.pk)
+        if amount < 0 and _cash_available(wallet) + amount < 0:
+            raise ValidationError(
+                {
+                    "amount": _(
+                        "Taking ¥%(debit)s would overdraw the wallet: ¥%(available)s is available (cash balance "
+                        "plus credit limit). Take at most that, or raise the credit limit first."
+                    )
+                    % {"debit": -amount, "available": max(_cash_available(wallet), Decimal("0.00"))}
+                }
+            )
         entry = _post_credit(
             wallet=wallet, kind=kind, amount=amount, reason=reason, reference=f"staff:{actor.pk}", actor=actor
         )
@@ -1735,6 +1743,11 @@ def payment_fulfil(*, payment_id, provider_event_id: str, actor=None) -> Payment
         )
         tenant_id = payment.tenant_id
         transaction.on_commit(lambda: _retry_past_due(tenant_id))
+        # Tiers are re-evaluated after each payment (DESIGN.md section 4). robust: a failure there is
+        # logged and left to the nightly run; it never fails a payment that is already credited.
+        transaction.on_commit(
+            lambda: import_string("crm.tasks.tier_evaluate_tenant").delay(tenant_id, trigger="payment"), robust=True
+        )
     return payment
 
 
@@ -1795,6 +1808,14 @@ def invoice_finalise(*, invoice_id: int, now: datetime | None = None) -> Invoice
             action="billing.invoice_finalised",
             target=invoice,
             after={"number": invoice.number, "total": str(total)},
+        )
+        notify(
+            kind=NotificationKind.INVOICE_ISSUED,
+            tenant=invoice.tenant,
+            roles=BILLING_ROLES,
+            params={"number": invoice.number, "total": str(total)},
+            url=reverse("billing_invoice", args=[invoice.pk]),
+            dedupe_key=f"invoice_issued:{invoice.pk}",
         )
     return invoice
 

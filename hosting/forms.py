@@ -90,5 +90,10 @@ class TaskForm(forms.Form):
             (model.code, f"{model.code} — {model.name}") for model in gpu_models
         ]
 
+    def clean_command(self) -> str:
+        # Browsers submit a textarea's line breaks as CRLF, and bash reads the CR as part of the line
+        # (`do\r` is a syntax error): a multi-line command typed here would never run.
+        return self.cleaned_data["command"].replace("\r\n", "\n")
+
     def clean_env(self) -> dict[str, str]:
         return parse_env_lines(self.cleaned_data["env"])

@@ -150,7 +150,11 @@ def asgi_live_server(transactional_db, settings):
         "CHANNEL_LAYERS": {  # a prefix of this run's own, so parallel runs never cross
             "default": {
                 "BACKEND": "channels_redis.core.RedisChannelLayer",
-                "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": f"test-vm-{uuid.uuid4().hex[:8]}"},
+                # socket_timeout as the portal's settings have it: redis-py's default drops idle sockets.
+                "CONFIG": {
+                    "hosts": [{"address": settings.REDIS_URL, "socket_timeout": 30}],
+                    "prefix": f"test-vm-{uuid.uuid4().hex[:8]}",
+                },
             }
         },
     }  # the conftest's overrides (password hasher, email, billing enforcement…) come along with the fork
