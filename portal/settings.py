@@ -5,6 +5,7 @@ portal runs as the embedded default: SQLite, the local cluster backend, the
 offline payment provider, in-memory channel layer, Celery tasks run inline.
 """
 
+import ipaddress
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -90,6 +91,7 @@ MIDDLEWARE = [
     "tenants.middleware.UserLanguageMiddleware",
     "tenants.middleware.ActiveTenantMiddleware",
     "portal.middleware.StaffMfaRequiredMiddleware",
+    "crm.middleware.ViewAsMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -222,6 +224,7 @@ STATICFILES_DIRS = [
     BASE_DIR / "static",
     ("vendor/bootstrap", NODE_MODULES / "bootstrap" / "dist"),
     ("vendor/htmx", NODE_MODULES / "htmx.org" / "dist"),
+    ("vendor/chartjs", NODE_MODULES / "chart.js" / "dist"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -275,13 +278,24 @@ if not DEBUG:
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    # Load balancers and Prometheus reach these on the internal network, over plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 
 # Product settings.
 PORTAL_BASE_URL = env("PORTAL_BASE_URL", "http://localhost:8000")
 PORTAL_INVITATION_DAYS = env_int("PORTAL_INVITATION_DAYS", 7)
 PORTAL_TOKEN_TOUCH_SECONDS = 60  # last-used time of an API token is written at most once a minute
 PORTAL_STAFF_MFA_REQUIRED = env_bool("PORTAL_STAFF_MFA_REQUIRED", True)
+# Console (crm): staff credits above this (CNY, either sign) wait for a second finance/admin approval.
+PORTAL_CREDIT_APPROVAL_THRESHOLD = Decimal(env("PORTAL_CREDIT_APPROVAL_THRESHOLD", "1000.00"))
+# How long a read-only "view as the customer" session lasts.
+PORTAL_VIEW_AS_MINUTES = env_int("PORTAL_VIEW_AS_MINUTES", 30)
+# The console's pools page warns when a pool's free capacity drops below this percent.
+PORTAL_POOL_FREE_WARNING_PERCENT = env_int("PORTAL_POOL_FREE_WARNING_PERCENT", 20)
+# Console role of staff users without a StaffProfile (made before console roles existed):
+# account_manager, support, finance or admin; empty for none. Read-only by default, so a forgotten
+# is_staff flag never hands out credits or payments; superusers are admin whatever this says.
+PORTAL_STAFF_DEFAULT_ROLE = env("PORTAL_STAFF_DEFAULT_ROLE", "support")
 
 # Cluster backends (provisioning.backends): "local" (embedded default) or "kubevirt".
 PORTAL_CLUSTER_BACKEND = env("PORTAL_CLUSTER_BACKEND", "local")
@@ -410,10 +424,59 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
+# Notifications: package credit about to expire, once a day (each grant is announced once).
+CELERY_BEAT_SCHEDULE["notify-packages-expiring"] = {
+    "task": "notifications.tasks.notify_packages_expiring",
+    "schedule": 86400.0,
+}
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]["NotificationKindEnum"] = "notifications.models.NotificationKind"
+
+# Operations (docs/deployment.md). /metrics answers a request that carries
+# `Authorization: Bearer <PORTAL_METRICS_TOKEN>` (when set) or comes from an address in
+# PORTAL_METRICS_ALLOWED_IPS (comma-separated CIDRs; "none" for no address); anything else gets 403.
+# The address is the client's as RequestContextMiddleware sees it (TRUSTED_PROXY_COUNT).
+PORTAL_METRICS_TOKEN = env("PORTAL_METRICS_TOKEN")
+PORTAL_METRICS_ALLOWED_IPS = (
+    []
+    if (env("PORTAL_METRICS_ALLOWED_IPS") or "").strip().lower() == "none"
+    else env_list("PORTAL_METRICS_ALLOWED_IPS", "127.0.0.1/32,::1/128")
+)
+for _network in PORTAL_METRICS_ALLOWED_IPS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"PORTAL_METRICS_ALLOWED_IPS: {_exc}") from None
+# A Celery worker serves its own counters (task latency and failures, provisioning failures) here when
+# set; with the prefork pool that needs PROMETHEUS_MULTIPROC_DIR (read by prometheus_client itself).
+PORTAL_WORKER_METRICS_PORT = env_int("PORTAL_WORKER_METRICS_PORT", 0)
+PORTAL_WORKER_METRICS_ADDR = env("PORTAL_WORKER_METRICS_ADDR", "127.0.0.1")
+# How long /readyz waits for Redis before calling it down (the cluster check uses KUBERNETES_REQUEST_TIMEOUT).
+PORTAL_HEALTH_TIMEOUT_SECONDS = float(env("PORTAL_HEALTH_TIMEOUT_SECONDS", "2"))
+# "text" (make run) or "json": one JSON object per line, with request id, tenant and user (production).
+PORTAL_LOG_FORMAT = env("PORTAL_LOG_FORMAT", "text")
+if PORTAL_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured('PORTAL_LOG_FORMAT must be "text" or "json".')
+
+# Customer automation (crm): tiers nightly (and after each payment), churn, upsell and usage reviews
+# daily. Each run is idempotent, so a restart that runs one early does no harm.
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "crm-evaluate-tiers": {"task": "crm.tasks.tiers_evaluate_nightly", "schedule": 86400.0},
+        "crm-churn-scan": {"task": "crm.tasks.churn_scan_daily", "schedule": 86400.0},
+        "crm-upsell": {"task": "crm.tasks.upsell_compute_daily", "schedule": 86400.0},
+        "crm-usage-reviews": {"task": "crm.tasks.usage_reviews_daily", "schedule": 86400.0},
+    }
+)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"context": {"()": "portal.logging.ContextFilter"}},
+    "formatters": {
+        "text": {"()": "portal.logging.TextFormatter"},
+        "json": {"()": "portal.logging.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["context"], "formatter": PORTAL_LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     "loggers": {"daphne": {"level": "WARNING"}},
 }

@@ -10,6 +10,7 @@ api_v1 = [
     path("", include("provisioning.api.urls")),
     path("", include("hosting.api.urls")),
     path("", include("billing.api.urls")),
+    path("", include("notifications.api.urls")),
 ]
 
 urlpatterns = [
@@ -18,9 +19,12 @@ urlpatterns = [
     path("", include("hosting.urls")),
     path("billing/", include("billing.urls")),
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.metrics, name="metrics"),
     path("i18n/setlang/", views.set_language, name="set_language"),
     path("accounts/", include("allauth.urls")),
     path("", include("tenants.urls")),
+    path("", include("notifications.urls")),
     path("console/billing/", include("billing.console_urls")),
     path("console/", include("portal.console_urls")),
     path("admin/", admin.site.urls),
