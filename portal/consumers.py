@@ -1,4 +1,6 @@
 import asyncio
+import logging
+import weakref
 from datetime import datetime
 
 from channels.db import database_sync_to_async
@@ -9,6 +11,8 @@ from django.utils import timezone
 from crm.middleware import VIEW_AS_SESSION_KEY
 from portal.events import dashboard_group
 from tenants.middleware import ACTIVE_TENANT_SESSION_KEY
+
+logger = logging.getLogger(__name__)
 
 # The close code a page's script takes as "not allowed, do not retry" (static/js/live.js, the task page).
 REFUSED = 4403
@@ -154,12 +158,77 @@ def _events_after(task_id, after: int) -> list[dict]:
 
 
 @database_sync_to_async
-def _task_progress(task_id) -> tuple[int, bool]:
-    """(last kept sequence number, whether the task has ended)."""
+def _tasks_progress(task_ids) -> dict:
+    """{task id: (last kept sequence number, whether the task has ended)} in one query."""
     from hosting.models import FINISHED_TASK_STATES, Task
 
-    last_seq, state = Task.objects.filter(pk=task_id).values_list("last_seq", "state").get()
-    return last_seq, state in FINISHED_TASK_STATES
+    rows = Task.objects.filter(pk__in=list(task_ids)).values_list("pk", "last_seq", "state")
+    return {pk: (last_seq, state in FINISHED_TASK_STATES) for pk, last_seq, state in rows}
+
+
+class _QuietSocketWatch:
+    """Finds task sockets that missed their task's last events, for one server process (event loop).
+
+    channels_redis drops a group_send silently when a server's inbox is full. A gap in the middle is
+    refilled by the socket itself when the next event arrives; a dropped *last* event has no successor.
+    So every PORTAL_TASK_SOCKET_RESYNC_SECONDS one query reads the kept sequence numbers of every task
+    watched here, and each socket that has been quiet that long and is behind catches up from what is
+    kept. One query per interval per process, however many sockets: polling per socket would put
+    thousands of queries a second on the one thread Channels runs database work on. A socket leaves
+    the watch when it closes, or once its task has ended and it has sent everything.
+    """
+
+    def __init__(self):
+        self.sockets: dict = {}  # task id -> set of TaskConsumer
+        self.runner: asyncio.Task | None = None
+        self.catching_up: set[asyncio.Task] = set()
+
+    def add(self, consumer) -> None:
+        self.sockets.setdefault(consumer.task_id, set()).add(consumer)
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.get_running_loop().create_task(self._run())
+
+    def discard(self, consumer) -> None:
+        watchers = self.sockets.get(consumer.task_id)
+        if watchers is not None:
+            watchers.discard(consumer)
+            if not watchers:
+                del self.sockets[consumer.task_id]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.sockets:
+            interval = settings.PORTAL_TASK_SOCKET_RESYNC_SECONDS
+            await asyncio.sleep(interval)
+            if not self.sockets:
+                return
+            try:
+                progress = await _tasks_progress(self.sockets.keys())
+            except Exception:  # the database is away for a moment: try again next interval
+                logger.exception("Reading task progress for quiet sockets failed")
+                continue
+            now = loop.time()
+            for task_id, consumers in list(self.sockets.items()):
+                last_seq, ended = progress.get(task_id, (0, True))
+                for consumer in list(consumers):
+                    if last_seq > consumer.last_sent and now - consumer.last_activity >= interval:
+                        consumer.last_activity = now  # one catch-up at a time per socket
+                        catch_up = loop.create_task(consumer.catch_up_quietly())
+                        self.catching_up.add(catch_up)  # the loop keeps only weak references to tasks
+                        catch_up.add_done_callback(self.catching_up.discard)
+                    elif ended and last_seq <= consumer.last_sent:
+                        self.discard(consumer)
+
+
+_watches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _QuietSocketWatch]" = weakref.WeakKeyDictionary()
+
+
+def _quiet_socket_watch() -> _QuietSocketWatch:
+    loop = asyncio.get_running_loop()
+    watch = _watches.get(loop)
+    if watch is None:
+        watch = _watches[loop] = _QuietSocketWatch()
+    return watch
 
 
 class TaskConsumer(LiveConsumer):
@@ -170,9 +239,8 @@ class TaskConsumer(LiveConsumer):
 
     The channel layer may drop a message (channels_redis does when a server's inbox is full). A
     dropped event in the middle shows as a gap when the next one arrives and is refilled from what is
-    kept. A dropped *last* event has no successor, so while the socket is quiet the consumer asks the
-    database, with backoff, whether the task kept more than it sent; it stops asking once the task has
-    ended and everything was sent.
+    kept. A dropped *last* event has no successor: _QuietSocketWatch notices that a quiet socket is
+    behind what its task kept, and the socket catches up.
     """
 
     forwarded_types = frozenset({"task.events"})
@@ -197,14 +265,13 @@ class TaskConsumer(LiveConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         await self._catch_up()
-        self.resync = asyncio.create_task(self._resync_while_quiet())
+        _quiet_socket_watch().add(self)
         self.close_at(ends_at)
 
     async def disconnect(self, code):
         self.cancel_close()
-        resync = getattr(self, "resync", None)
-        if resync is not None:
-            resync.cancel()
+        if getattr(self, "task_id", None) is not None:
+            _quiet_socket_watch().discard(self)
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -232,20 +299,8 @@ class TaskConsumer(LiveConsumer):
         if events:
             self.last_sent = events[-1]["seq"]
 
-    async def _resync_while_quiet(self) -> None:
-        first = settings.PORTAL_TASK_SOCKET_RESYNC_SECONDS
-        delay = first
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(delay)
-            quiet = loop.time() - self.last_activity
-            if quiet < delay:  # events are flowing: any gap is refilled by the next one
-                continue
-            last_seq, ended = await _task_progress(self.task_id)
-            if last_seq > self.last_sent:
-                await self._catch_up()
-                delay = first
-            elif ended:
-                return
-            else:
-                delay = min(delay * 2, settings.PORTAL_TASK_SOCKET_RESYNC_MAX_SECONDS)
+    async def catch_up_quietly(self) -> None:
+        try:
+            await self._catch_up()
+        except Exception:  # the socket closed meanwhile, or the database is away: the watch tries again
+            logger.debug("Catching up task socket %s failed", self.channel_name, exc_info=True)

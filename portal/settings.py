@@ -340,10 +340,10 @@ if PORTAL_TASK_STORAGE not in ("local", "s3"):
     raise ImproperlyConfigured('PORTAL_TASK_STORAGE must be "local" or "s3".')
 if PORTAL_TASK_STORAGE == "s3" and not PORTAL_S3_BUCKET:
     raise ImproperlyConfigured('PORTAL_TASK_STORAGE is "s3" but PORTAL_S3_BUCKET is not set.')
-# A quiet task socket asks the database for events the channel layer may have dropped: first after
-# this many seconds, then with doubling waits up to the maximum.
+# Every this many seconds each server process reads, in one query, how far the tasks its sockets watch
+# have got, and a socket that has been quiet that long and is behind (the channel layer dropped its
+# task's last events) catches up from the kept events.
 PORTAL_TASK_SOCKET_RESYNC_SECONDS = float(env("PORTAL_TASK_SOCKET_RESYNC_SECONDS", "2"))
-PORTAL_TASK_SOCKET_RESYNC_MAX_SECONDS = float(env("PORTAL_TASK_SOCKET_RESYNC_MAX_SECONDS", "30"))
 PORTAL_TASK_UPLOAD_MAX_BYTES = env_int("PORTAL_TASK_UPLOAD_MAX_BYTES", 50 * 2**20)
 PORTAL_TASK_GRACE_SECONDS = env_int("PORTAL_TASK_GRACE_SECONDS", 30)
 PORTAL_TASK_RETRY_BASE_SECONDS = env_int("PORTAL_TASK_RETRY_BASE_SECONDS", 30)

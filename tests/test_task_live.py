@@ -30,7 +30,6 @@ pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 @pytest.fixture
 def fast_resync(settings):
     settings.PORTAL_TASK_SOCKET_RESYNC_SECONDS = 0.2
-    settings.PORTAL_TASK_SOCKET_RESYNC_MAX_SECONDS = 0.4
 
 
 def _task(owner, state=TaskState.RUNNING) -> Task:
