@@ -18,7 +18,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models import F, Sum
 from django.urls import reverse
 from django.utils import timezone
@@ -527,13 +527,22 @@ def _executor():
     return LocalExecutor(grace_seconds=settings.PORTAL_TASK_GRACE_SECONDS)
 
 
+def _execute_on_thread(task_id: str, attempt: int) -> None:
+    try:
+        execute(task_id, attempt)
+    finally:
+        connections.close_all()  # this thread's own connections: nobody else would close them
+
+
 def dispatch(task_id: str, attempt: int) -> None:
     """Start the attempt: a Celery worker runs it; the embedded default runs it on a thread."""
     from hosting.tasks import execute_task
     from portal.celery import app
 
     if app.conf.task_always_eager and not settings.PORTAL_TASK_EXECUTE_INLINE:
-        threading.Thread(target=execute, args=(task_id, attempt), name=f"task-{task_id[:8]}", daemon=True).start()
+        threading.Thread(
+            target=_execute_on_thread, args=(task_id, attempt), name=f"task-{task_id[:8]}", daemon=True
+        ).start()
     else:
         execute_task.delay(task_id, attempt)
 

@@ -34,15 +34,17 @@ LONG = (
 @pytest.fixture(autouse=True)
 def _no_executor_outlives_its_test():
     """Attempts running on threads are told to stop and awaited, so none writes while the database is
-    flushed for the next test."""
+    flushed for the next test. An attempt that ends can dispatch another (a retry, the next in line),
+    so this waits until no executor thread is left."""
     yield
-    running = [t for t in threading.enumerate() if t.name.startswith("task-")]
-    if running:
+    deadline = time.monotonic() + 60
+    while running := [t for t in threading.enumerate() if t.name.startswith("task-") and t.is_alive()]:
         Task.objects.exclude(state__in=["succeeded", "failed", "timed_out", "cancelled"]).update(
             stop_requested="cancel"
         )
         for thread in running:
-            thread.join(timeout=30)
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+        assert time.monotonic() < deadline, f"executor threads outlived their test: {running}"
 
 
 @pytest.fixture
