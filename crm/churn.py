@@ -25,9 +25,10 @@ from decimal import Decimal
 from django.db import transaction
 from django.utils import timezone
 
+from billing.money import add_months
 from crm.models import CustomerAccount
 from crm.selectors import console_url
-from crm.spend import ZERO, add_months, monthly_spend
+from crm.spend import ZERO, monthly_spend
 from notifications.models import NotificationKind
 from notifications.services import notify
 from tenants.audit import audit_record

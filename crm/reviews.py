@@ -32,11 +32,11 @@ from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
 from billing.models import ChargeDay, CreditGrant, UsageRecord, UsageSource
-from billing.money import local_midnight, to_fen, zone
+from billing.money import add_months, local_midnight, to_fen, zone
 from billing.selectors import packages_on_sale, price_book_in_force
 from crm.models import UsageReview, UsageReviewStatus
 from crm.selectors import account_of, console_url
-from crm.spend import add_months, month_from_index, month_index, month_start, monthly_spend
+from crm.spend import month_from_index, month_index, month_start, monthly_spend
 from crm.upsell import best_package
 from notifications.models import NotificationKind
 from notifications.services import notify

@@ -49,8 +49,9 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from billing import money
 from billing.models import LedgerEntry, LedgerKind
-from billing.money import zone
+from billing.money import add_months, zone
 from tenants.models import Tenant
 
 SPEND_KINDS = (LedgerKind.CHARGE, LedgerKind.REFUND)
@@ -91,17 +92,8 @@ def month_start(dt: datetime, tz_name: str | None) -> date:
 
 def month_bounds(tz_name: str | None, year: int, month: int) -> tuple[datetime, datetime]:
     """[start, end) of calendar month `year`-`month` in time zone `tz_name`, as UTC datetimes."""
-    tz = zone(tz_name)
-    first = date(year, month, 1)
-    following = month_from_index(month_index(first) + 1)
-    start = datetime.combine(first, datetime.min.time(), tzinfo=tz)
-    end = datetime.combine(following, datetime.min.time(), tzinfo=tz)
+    start, end = money.month_bounds(date(year, month, 1), zone(tz_name))
     return start.astimezone(UTC), end.astimezone(UTC)
-
-
-def add_months(month: date, months: int) -> date:
-    """The first of the month `months` calendar months after (or before) `month`'s month."""
-    return month_from_index(month_index(month) + months)
 
 
 @lru_cache(maxsize=256)
