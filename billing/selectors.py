@@ -41,7 +41,7 @@ from billing.money import (
     zone,
 )
 from billing.pricing import MissingPrice, PriceBook
-from provisioning.models import BillingMode, VirtualMachine, VmState
+from provisioning.models import BillingMode, Plan, VirtualMachine, VmState
 from tenants.models import Tenant
 
 # --- Price book --------------------------------------------------------------------------------
@@ -552,3 +552,10 @@ def task_cost(task, now: datetime | None = None) -> Decimal | None:
     except MissingPrice:
         return None
     return to_fen(replay.amount())
+
+
+def gpu_plans(codes) -> dict[str, tuple[str, int]]:
+    """{plan code: (GPU model code, GPUs)} for the plans among `codes` that have GPUs: how GPU-hours are
+    read off on-demand VM lines (resource vm_on_demand:<plan>, hours × the plan's GPUs). One query."""
+    rows = Plan.objects.filter(code__in=set(codes), gpu_count__gt=0).values_list("code", "gpu_model__code", "gpu_count")
+    return {code: (model, gpus) for code, model, gpus in rows}

@@ -28,13 +28,14 @@ from django.utils import timezone
 
 from billing.models import CreditGrant, InvoiceLine, LineKind, Wallet
 from billing.money import add_months, local_date, zone
+from billing.selectors import gpu_plans
 from crm.models import CreditAdjustment, CreditRequestStatus, CustomerNote, TierChange, UsageReview
 from crm.permissions import sees_all_customers, visible_tenants
 from crm.spend import spend_annotations
 from hosting.models import ACTIVE_TASK_STATES, Task
 from hosting.selectors import WAITING_STATES
 from provisioning.capacity import free_capacity
-from provisioning.models import Node, Plan, Pool, VirtualMachine, VmState
+from provisioning.models import Node, Pool, VirtualMachine, VmState
 from tenants.models import AuditEvent, Membership, Tenant
 
 MONEY = DecimalField(max_digits=16, decimal_places=2)
@@ -195,12 +196,7 @@ def gpu_hours_by_month(tenant: Tenant, *, months: int = 12, now: datetime | None
     )
     lines = list(rows.values_list("invoice__period_start", "kind", "resource", "quantity"))
     plan_codes = {resource.split(":", 1)[1] for _m, kind, resource, _q in lines if kind == LineKind.VM_ON_DEMAND}
-    plans = {
-        code: (model, gpus)
-        for code, model, gpus in Plan.objects.filter(code__in=plan_codes, gpu_count__gt=0).values_list(
-            "code", "gpu_model__code", "gpu_count"
-        )
-    }
+    plans = gpu_plans(plan_codes)
     hours: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
     for month, kind, resource, quantity in lines:
         if kind == LineKind.TASK:

@@ -11,9 +11,10 @@ from django.utils import timezone, translation
 
 from billing.models import ChargeDay, LedgerEntry, LineKind
 from billing.money import ZERO, exact, in_priced_units, local_date, local_midnight, zone
+from billing.selectors import gpu_plans
 from crm.spend import SPEND_KINDS
 from hosting.models import Task, TaskState
-from provisioning.models import Plan, VirtualMachine, VmState
+from provisioning.models import VirtualMachine, VmState
 from tenants.models import Tenant
 
 DASHBOARD_DAYS = 30
@@ -91,18 +92,12 @@ def gpu_hours_by_model(tenant: Tenant, *, days: int = DASHBOARD_DAYS, now: datet
                 vm_seconds[(code, per_unit)] = vm_seconds.get((code, per_unit), ZERO) + Decimal(quantity)
     vm: dict[str, Decimal] = {}
     if vm_seconds:
-        plans = {
-            p.code: p
-            for p in Plan.objects.filter(code__in={code for code, _unit in vm_seconds}, gpu_count__gt=0).select_related(
-                "gpu_model"
-            )
-        }
+        plans = gpu_plans(code for code, _unit in vm_seconds)
         with exact():
             for (code, per_unit), seconds in vm_seconds.items():
-                plan = plans.get(code)
-                if plan is not None:
-                    model = plan.gpu_model.code
-                    vm[model] = vm.get(model, ZERO) + seconds * plan.gpu_count / per_unit
+                if code in plans:
+                    model, gpus = plans[code]
+                    vm[model] = vm.get(model, ZERO) + seconds * gpus / per_unit
     out = [
         GpuHours(
             model=model,
